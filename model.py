@@ -365,13 +365,15 @@ class Transformer(nn.Module):
         model.name_or_path = path
         return model.eval()
 
-    def save_pretrained(self, out_dir: str, max_shard_bytes: int = 4 * 1024**3, tokenizer_dir: str | None = None):
+    def save_pretrained(self, out_dir: str, max_shard_bytes: int = 4 * 1024**3, tokenizer_dir: str | None = None,
+                        state_dict: dict | None = None):
         """Write config.json + safetensors with HF tensor names (sharded above max_shard_bytes), and copy the
-        tokenizer files of tokenizer_dir (default: where the weights came from)."""
+        tokenizer files of tokenizer_dir (default: where the weights came from). state_dict: a full state
+        dict gathered elsewhere (FSDP), else this module's own."""
         import shutil
         from safetensors.torch import save_file
         os.makedirs(out_dir, exist_ok=True)
-        sd = {hf_name(k): v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+        sd = {hf_name(k): v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()
               if not (self.config.tie_word_embeddings and k == "lm_head.weight")}
         shards, size = [{}], 0
         for k, v in sd.items():

@@ -1,0 +1,64 @@
+"""
+Sample from a checkpoint: a downloaded model, a hub id, or a train.py output directory.
+
+    python sample.py --prompt "The capital of France is"
+    python sample.py --chat --prompt "What is the capital of France?" --temperature 0
+    python sample.py --init out --chat --prompt "Start with 12. Add 5, then multiply by 3. What is the result?"
+
+Prints the continuation as it decodes (KV cache: the prompt is processed once, then one token per step).
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+from model import Transformer, resolve_checkpoint
+from tokenizer import Tokenizer
+
+DEFAULT_INIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "SmolLM2-135M-Instruct")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--init", default=DEFAULT_INIT, help="checkpoint directory or hub id")
+    ap.add_argument("--prompt", default="The capital of France is")
+    ap.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template, print only the answer")
+    ap.add_argument("--max_new_tokens", type=int, default=200)
+    ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    ap.add_argument("--top_k", type=int, default=None)
+    ap.add_argument("--top_p", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+
+    try:
+        path = resolve_checkpoint(args.init)
+        tok = Tokenizer.from_pretrained(path)
+        dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+        model = Transformer.from_pretrained(path, dtype=dtype, device=args.device)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        sys.exit(f"error: {e}")
+    if args.chat:
+        ids, _ = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    else:
+        ids = ([tok.bos_id] if tok.add_bos and tok.bos_id is not None else []) + tok.encode(args.prompt)
+        print(args.prompt, end="", flush=True)
+    idx = torch.tensor([ids], dtype=torch.long, device=args.device)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    new, shown = [], ""
+    for tok_id in model.stream(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                               eos_ids=tok.eos_ids, generator=gen):
+        t = int(tok_id[0, 0])
+        if t in tok.eos_ids:
+            break
+        new.append(t)
+        text = tok.decode(new)
+        if not text.endswith("\ufffd"):  # hold back a character whose bytes are not all out yet
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""data.py: schemas, truncation, targets, and the step -> examples map that DDP and resume rely on."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from data import IGNORE, DataError, batch_indices, collate, parse_source, read_rows, to_messages, truncate
+
+
+def test_schemas_become_conversations():
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert to_messages({"messages": msgs}, "r") == msgs
+    assert to_messages({"prompt": "q", "chosen": "a", "rejected": "b"}, "r") == msgs
+    assert to_messages({"prompt": "q", "chosen": msgs, "rejected": []}, "r") == msgs  # UltraFeedback-binarized
+    assert to_messages({"prompt": "q", "response": "a"}, "r") == msgs
+    with pytest.raises(DataError, match="last message must be the assistant"):
+        to_messages({"messages": msgs[:1]}, "r")
+
+
+def test_parse_source():
+    assert parse_source("org/name:train_sft@600") == ("org/name", "train_sft", 600)
+    assert parse_source("org/name") == ("org/name", None, None)
+    with pytest.raises(DataError, match="positive integer"):
+        parse_source("org/name@x")
+
+
+def test_row_subsample_is_seeded(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps({"prompt": str(i), "response": "r"}) + "\n" for i in range(50)))
+    a, b = read_rows(f"{p}@10", seed=3), read_rows(f"{p}@10", seed=3)
+    assert a == b and len(a) == 10 and a != read_rows(f"{p}@10", seed=4)
+    with pytest.raises(DataError, match="asked for 60 rows but it has 50"):
+        read_rows(f"{p}@60")
+
+
+def test_truncate_keeps_answer_start_and_cuts_prompt_left():
+    ids = list(range(10))
+    mask = [0] * 6 + [1] * 4  # prompt 0..5, answer 6..9
+    assert truncate(ids, mask, 10) == (ids, mask)
+    assert truncate(ids, mask, 6) == ([4, 5, 6, 7, 8, 9], [0, 0, 1, 1, 1, 1])
+    # answer longer than the room: keep one prompt token (it predicts the first answer token), then the answer start
+    assert truncate(ids, mask, 3) == ([5, 6, 7], [0, 1, 1])
+
+
+def test_collate_targets_are_next_answer_tokens():
+    ex = [(np.array([5, 6, 7, 8], np.int32), np.array([0, 0, 1, 1], bool)),
+          (np.array([9, 10, 11], np.int32), np.array([0, 1, 1], bool))]
+    x, y = collate(ex, pad_id=0)
+    assert x.tolist() == [[5, 6, 7], [9, 10, 0]]
+    assert y.tolist() == [[IGNORE, 7, 8], [10, 11, IGNORE]]
+
+
+def test_batch_indices_cover_each_epoch_once_and_split_across_ranks():
+    n, B, k = 40, 2, 3
+    one = [i for s in range(5) for m in range(2 * k) for i in batch_indices(s, m, 0, 1, B, 2 * k, n, seed=1)]
+    two = [i for s in range(5) for m in range(k) for r in range(2) for i in batch_indices(s, m, r, 2, B, k, n, seed=1)]
+    assert one == two  # 2 ranks x k micro-steps see the same examples, in the same groups, as 1 rank x 2k
+    assert sorted(one[:n]) == list(range(n))  # the first epoch is a permutation
+    assert one[:n] != one[n:2 * n]  # and the next epoch another one

@@ -1,0 +1,25 @@
+"""sample.py prints a streamed continuation; --chat prints only the answer."""
+import pytest
+
+import sample
+
+
+def test_chat_answer_streams(smollm2_dir, capsys):
+    sample.main(["--init", smollm2_dir, "--chat", "--prompt", "What is the capital of France?",
+                 "--temperature", "0", "--max_new_tokens", "20"])
+    out = capsys.readouterr().out
+    assert "Paris" in out and "<|im_start|>" not in out and "What is the capital" not in out
+
+
+def test_plain_continuation_is_seeded(smollm2_dir, capsys):
+    argv = ["--init", smollm2_dir, "--prompt", "Once upon a time", "--max_new_tokens", "12", "--top_k", "50",
+            "--top_p", "0.9", "--seed", "3"]
+    sample.main(argv)
+    first = capsys.readouterr().out
+    sample.main(argv)
+    assert capsys.readouterr().out == first and first.startswith("Once upon a time") and len(first) > 20
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="not a checkpoint directory"):
+        sample.main(["--init", str(tmp_path / "nothing"), "--prompt", "hi"])

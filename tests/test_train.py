@@ -1,0 +1,164 @@
+"""train.py end to end on CPU: methods, DDP/FSDP over gloo, resume, bad input, checkpoints transformers loads."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from model import ModelConfig, Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def chat_rows(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        a, b = (int(v) for v in torch.randint(1, 50, (2,), generator=g))
+        rows.append({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                                  {"role": "assistant", "content": f"{a} + {b} = {a + b}. #### {a + b}"}]})
+    return rows
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_dir):
+    """A tiny random llama (untied, so FSDP can run) with SmolLM2's real tokenizer files."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=49152, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64,
+                      model_type="llama", rms_norm_eps=1e-5)
+    out = str(tmp_path_factory.mktemp("tiny"))
+    Transformer(cfg).save_pretrained(out, tokenizer_dir=smollm2_dir)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rows_file(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    return write_jsonl(d / "train.jsonl", chat_rows(32)), write_jsonl(d / "eval.jsonl", chat_rows(8, seed=1))
+
+
+def args(init, data, out, *extra):
+    return ["--init", init, "--data", data[0], "--eval_data", data[1], "--out_dir", str(out), "--device", "cpu",
+            "--batch_size", "4", "--grad_accum", "2", "--max_steps", "4", "--lr", "1e-3", "--optimizer", "adamw",
+            "--eval_every", "0", "--sample_every", "0", "--seed", "0", *extra]
+
+
+def weights(out):
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def batch_loss(path, rows_path):
+    """SFT loss of the model at path on the first 8 training examples."""
+    import ift
+    from data import collate, tokenize_sources
+    ex = tokenize_sources(rows_path, path, 256, log=lambda *a: None)[:8]
+    x, y = collate(ex)
+    with torch.no_grad():
+        return ift.sft_forward(Transformer.from_pretrained(path), x, y).item()
+
+
+@pytest.mark.parametrize("method", ["sft", "ift"])
+def test_training_lowers_loss_and_writes_hf_checkpoint(method, tiny_dir, rows_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / method
+    train.main(args(tiny_dir, rows_file, out, "--method", method, "--max_steps", "8"))
+    assert batch_loss(str(out), rows_file[0]) < batch_loss(tiny_dir, rows_file[0]) - 0.1
+    # out_dir is itself a Hugging Face model directory, with the tokenizer beside the weights
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out))
+    ref = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    idx = torch.randint(0, 49152, (2, 16))
+    with torch.no_grad():
+        assert (ref(idx).logits - Transformer.from_pretrained(str(out))(idx)).abs().max() <= 1e-4
+
+
+def test_ift_with_lam0_gamma0_equals_sft(tiny_dir, rows_file, tmp_path):
+    train.main(args(tiny_dir, rows_file, tmp_path / "sft", "--method", "sft"))
+    train.main(args(tiny_dir, rows_file, tmp_path / "ift", "--method", "ift", "--lam", "0", "--gamma", "0"))
+    a, b = weights(tmp_path / "sft"), weights(tmp_path / "ift")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = weights(tiny_dir)  # and training did change them
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_continues_exactly(tiny_dir, rows_file, tmp_path):
+    train.main(args(tiny_dir, rows_file, tmp_path / "full", "--max_steps", "6"))
+    # a run that stops after step 3 (as a killed or time-boxed job would, after its checkpoint), then resumes
+    train.main(args(tiny_dir, rows_file, tmp_path / "cut", "--max_steps", "6", "--save_every", "3", "--stop_at", "3"))
+    state = json.load(open(tmp_path / "cut" / "checkpoint" / "train_config.json"))
+    assert state["step"] == 3 and not os.path.exists(tmp_path / "cut" / "model.safetensors")
+    with pytest.raises(SystemExit, match="--resume"):  # never silently start over on top of a checkpoint
+        train.main(args(tiny_dir, rows_file, tmp_path / "cut", "--max_steps", "6"))
+    train.main(args(tiny_dir, rows_file, tmp_path / "cut", "--max_steps", "6", "--resume"))
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+    assert json.load(open(tmp_path / "cut" / "train_config.json"))["step"] == 6
+
+
+def torchrun(nproc, argv, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+           os.path.join(ROOT, "train.py"), *argv]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.parametrize("mode", ["ddp", "ddp_checkpointing", "fsdp"])
+def test_two_processes_equal_one_with_twice_the_accumulation(mode, tiny_dir, rows_file, tmp_path):
+    extra = {"ddp": [], "ddp_checkpointing": ["--grad_checkpointing"], "fsdp": ["--fsdp"]}[mode]
+    base = args(tiny_dir, rows_file, tmp_path / "one", "--method", "ift", "--grad_accum", "2")
+    train.main(base)
+    two = args(tiny_dir, rows_file, tmp_path / "two", "--method", "ift", "--grad_accum", "1", *extra)
+    torchrun(2, two, tmp_path)
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+BAD = {
+    "malformed": ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                  '{"messages": [oops\n', "bad.jsonl:2: malformed JSON line"),
+    "fields": ('{"question": "hi"}\n', "row 1: row has none of the fields"),
+    "role": ('{"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n',
+             "unknown role 'wizard'"),
+    "empty": ("\n", "the dataset is empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD) + ["hub_offline", "no_file"])
+def test_bad_input_stops_with_a_clear_message_and_clean_out_dir(case, tiny_dir, rows_file, tmp_path, monkeypatch):
+    if case in BAD:
+        content, message = BAD[case]
+        (tmp_path / "bad.jsonl").write_text(content)
+        data = str(tmp_path / "bad.jsonl")
+    elif case == "hub_offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        data, message = "someone/not-a-dataset:train", "could not load hub dataset 'someone/not-a-dataset'"
+    else:
+        data, message = str(tmp_path / "missing.jsonl"), "missing.jsonl: no such file"
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        train.main(args(tiny_dir, (data, rows_file[1]), out))
+    assert message in str(e.value)
+    assert not out.exists()
+
+
+def test_smollm2_both_methods_lower_the_loss(smollm2_dir, tmp_path):
+    rows = write_jsonl(tmp_path / "rows.jsonl", chat_rows(8))
+    before = batch_loss(smollm2_dir, rows)
+    for method in ("sft", "ift"):
+        out = tmp_path / method
+        train.main(["--init", smollm2_dir, "--data", rows, "--eval_data", rows, "--out_dir", str(out),
+                    "--method", method, "--batch_size", "8", "--max_steps", "3", "--warmup_ratio", "0",
+                    "--lr", "1e-4", "--optimizer", "adamw", "--eval_every", "0", "--sample_every", "0"])
+        assert batch_loss(str(out), rows) < before, method

@@ -1,0 +1,378 @@
+"""
+Fine-tune a Mistral-family model with SFT or IFT: one loop, one flag apart.
+
+    python train.py                                    # embedded default: SmolLM2-135M + bundled data, CPU ok
+    python train.py --method sft --max_steps 100
+    torchrun --nproc_per_node=4 train.py --method ift  # DDP over torchrun's environment
+    torchrun --nproc_per_node=4 train.py --preset paper  # Mistral-7B-v0.1, FSDP, the paper's recipe
+
+Plain torch.distributed: DDP by default, FSDP2 (fully_shard) with --fsdp; one process when not under
+torchrun. fp32 master weights with bf16 autocast on CUDA, float32 on CPU. out_dir/ ends as a Hugging Face
+model directory; out_dir/checkpoint/ holds the latest resumable state (weights, optimizer, step, RNG).
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import ift
+from data import DataError, batch_indices, collate, tokenize_sources
+from model import Transformer, resolve_checkpoint
+from presets import PRESETS
+from tokenizer import Tokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class TrainConfig:
+    # model and data
+    init: str = os.path.join(HERE, "checkpoints", "SmolLM2-135M-Instruct")  # checkpoint dir or hub id
+    data: str = os.path.join(HERE, "data", "chain_train.jsonl")  # comma-separated sources, see data.py
+    eval_data: str = os.path.join(HERE, "data", "chain_test.jsonl")  # "" -> hold out eval_fraction of data
+    eval_fraction: float = 0.02
+    out_dir: str = "out"
+    max_length: int = 256           # tokens per example; the prompt is cut from the left
+    learn_all_turns: bool = False   # learn every assistant turn, not only the final one (the paper's setup)
+    num_proc: int = 1               # processes for tokenization
+    # method: IFT (lam, gamma and the lambda schedule) or SFT
+    method: str = "ift"             # "ift" | "sft"
+    lam: float = 0.2                # temporal residual weight of the model's own guesses (paper: 0.2)
+    gamma: float = 0.95             # relation propagation discount (paper: 0.95)
+    lam_schedule: str = "constant"  # "constant" | "linear" (lam_min -> lam over the warmup steps)
+    lam_min: float = 0.0
+    lam_noise: float = 0.0          # sigma of the noisy lambda of the paper's Table 7 (0.5 there); 0 = off
+    # optimization
+    optimizer: str = "rmsprop"      # "rmsprop" (paper) | "adamw"
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0          # 0 = off
+    batch_size: int = 8             # examples per process per micro-step
+    grad_accum: int = 1             # micro-steps per optimizer step, per process
+    max_steps: int = 150            # optimizer steps; 0 -> epochs
+    epochs: float = 1.0
+    seed: int = 1337
+    # system
+    device: str = "auto"            # "auto" | "cpu" | "cuda"
+    dtype: str = "auto"             # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "fp32"
+    fsdp: bool = False
+    compile: bool = False
+    grad_checkpointing: bool = False
+    # logging and checkpoints
+    eval_every: int = 50            # steps; 0 = only at the end
+    eval_max: int = 200             # eval examples at most
+    save_every: int = 0             # steps; 0 = only at the end
+    sample_every: int = -1          # print a greedy sample of one eval prompt at start and end (-1), never (0)
+    resume: bool = False
+    stop_at: int = 0                # end this process after step N, checkpoint saved (time-boxed jobs); 0 = off
+    wandb_project: str = ""
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """Flags are generated from TrainConfig; --preset NAME first replaces defaults with the preset's values."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    known, rest = pre.parse_known_args(argv)
+    defaults = asdict(TrainConfig())
+    defaults.update(PRESETS[known.preset])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 parents=[pre])
+    for f in fields(TrainConfig):
+        if f.type is bool:
+            ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=defaults[f.name])
+        else:
+            ap.add_argument(f"--{f.name}", type=f.type, default=defaults[f.name])
+    args = vars(ap.parse_args(rest))
+    args.pop("preset")
+    cfg = TrainConfig(**args)
+    for name, allowed in [("method", ("ift", "sft")), ("optimizer", ("rmsprop", "adamw")),
+                          ("lam_schedule", ("constant", "linear")), ("dtype", ("auto", "bf16", "fp32")),
+                          ("device", ("auto", "cpu", "cuda"))]:
+        if getattr(cfg, name) not in allowed:
+            ap.error(f"--{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
+    if not 0 <= cfg.lam <= 1 or not 0 <= cfg.gamma <= 1:
+        ap.error("--lam and --gamma must lie in [0, 1]")
+    if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.max_length < 2:
+        ap.error("--batch_size and --grad_accum must be >= 1, --max_length >= 2")
+    return cfg
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# distributed helpers
+
+
+def init_distributed(device: str):
+    """(rank, world, device) from torchrun's environment; a single process without it."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, dev
+
+
+def print0(*args, **kw):
+    if int(os.environ.get("RANK", 0)) == 0:
+        tqdm.write(" ".join(str(a) for a in args), **kw)
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup over warmup_ratio of the steps, then cosine decay to 0 (as the paper's HF recipe).
+    A pure function of the step: resuming restores the schedule by restoring the step."""
+    warm = math.ceil(cfg.warmup_ratio * total)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device) -> float | None:
+    """Dense bf16 peak of this GPU from the table above (first matching name); None when unknown or CPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def flops_per_token(model: Transformer, seq_len: int, method: str) -> float:
+    """Model FLOPs of one training token: 6N + 12*L*d*T for forward and backward (PaLM appendix B);
+    IFT adds one forward pass without gradient, 2N + 4*L*d*T, so its floor is 4/3 of SFT's."""
+    c = model.config
+    n = sum(p.numel() for p in model.parameters()) - (0 if c.tie_word_embeddings else model.embed_tokens.weight.numel())
+    attn = c.n_layers * c.n_heads * c.head_dim * seq_len
+    fwd = 2 * n + 4 * attn
+    return 3 * fwd + (fwd if method == "ift" else 0)
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# checkpoints: out_dir/checkpoint is replaced atomically (write checkpoint.tmp, then swap names)
+
+
+def find_checkpoint(out_dir: str) -> str | None:
+    for name in ("checkpoint", "checkpoint.old"):  # .old survives a crash between the two renames
+        path = os.path.join(out_dir, name)
+        if os.path.exists(os.path.join(path, "resume.pt")):
+            return path
+    return None
+
+
+def save_checkpoint(cfg, model, raw, optimizer, step, rank, tokenizer_dir, final=False):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    # full (unsharded) state on CPU; every rank takes part (FSDP gathers), rank 0 writes
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd, osd = get_state_dict(model, optimizer, options=opts)
+    if rank == 0:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        tmp, dst = os.path.join(cfg.out_dir, "checkpoint.tmp"), os.path.join(cfg.out_dir, "checkpoint")
+        shutil.rmtree(tmp, ignore_errors=True)
+        raw.save_pretrained(tmp, state_dict=msd, tokenizer_dir=tokenizer_dir)
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.stack([s for s in torch.cuda.get_rng_state_all()])
+        # tensors, numbers and strings only: loads with torch.load(weights_only=True)
+        torch.save({"optimizer": osd, "step": step, "rng": rng}, os.path.join(tmp, "resume.pt"))
+        with open(os.path.join(tmp, "train_config.json"), "w") as f:
+            json.dump(dict(asdict(cfg), step=step), f, indent=2)
+        if os.path.exists(dst):
+            os.replace(dst, dst + ".old")
+        os.replace(tmp, dst)
+        shutil.rmtree(dst + ".old", ignore_errors=True)
+        if final:  # publish the weights as out_dir itself: hard links, each swapped in atomically
+            for name in os.listdir(dst):
+                if name != "resume.pt":
+                    link = os.path.join(cfg.out_dir, name + ".tmp")
+                    if os.path.exists(link):
+                        os.remove(link)
+                    os.link(os.path.join(dst, name), link)
+                    os.replace(link, os.path.join(cfg.out_dir, name))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_checkpoint(path, model, optimizer):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    state = torch.load(os.path.join(path, "resume.pt"), map_location="cpu", weights_only=True)
+    msd = Transformer.from_pretrained(path).state_dict()
+    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True))
+    torch.set_rng_state(state["rng"]["cpu"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["rng"]["cuda"]))
+    return state["step"]
+
+
+# -------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def eval_loss(model, examples, cfg, device, autocast, rank, world) -> float:
+    """Held-out SFT loss (per-sequence mean NLL of the answer, then mean), the same for both methods."""
+    model.eval()
+    total = torch.zeros(2, device=device, dtype=torch.float64)
+    mine = list(range(rank, len(examples), world))
+    for i in range(0, len(mine), cfg.batch_size):
+        x, y = collate([examples[j] for j in mine[i:i + cfg.batch_size]])
+        with autocast:
+            loss = ift.sft_forward(model, x.to(device), y.to(device))
+        total += torch.tensor([loss.item() * len(x), len(x)], device=device, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+@torch.no_grad()
+def sample(raw, tok, example, device, autocast, max_new_tokens=64) -> str:
+    ids, mask = example
+    prompt = torch.tensor(ids[: int(mask.argmax())], dtype=torch.long, device=device)[None]
+    with autocast:
+        out = raw.generate(prompt, max_new_tokens, temperature=0, eos_ids=tok.eos_ids)
+    return tok.decode([t for t in out[0, prompt.shape[1]:].tolist() if t not in tok.eos_ids])
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    rank, world, device = init_distributed(cfg.device)
+    torch.manual_seed(cfg.seed + rank)
+    # ---- data first: every problem with it stops here, before any model or GPU time, and out_dir stays clean
+    ckpt = find_checkpoint(cfg.out_dir)
+    if ckpt and not cfg.resume:
+        sys.exit(f"{cfg.out_dir} holds a checkpoint; pass --resume to continue it or choose another --out_dir")
+    if cfg.resume and not ckpt:
+        sys.exit(f"--resume: no checkpoint in {cfg.out_dir}")
+    try:
+        init_dir = resolve_checkpoint(cfg.init)
+        tok = Tokenizer.from_pretrained(init_dir)
+        learn = "all" if cfg.learn_all_turns else "last"
+        train = tokenize_sources(cfg.data, init_dir, cfg.max_length, learn, cfg.seed, cfg.num_proc, print0)
+        if cfg.eval_data:
+            held = tokenize_sources(cfg.eval_data, init_dir, cfg.max_length, learn, cfg.seed, cfg.num_proc, print0)
+        else:  # hold out a fraction of the (shuffled) training data
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+            k = max(1, int(cfg.eval_fraction * len(train)))
+            held, train = [train[i] for i in order[:k]], [train[i] for i in order[k:]]
+    except (DataError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    held = held[: cfg.eval_max]
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    total = cfg.max_steps or max(1, int(cfg.epochs * len(train) / per_step))
+    print0(f"data: {len(train)} train / {len(held)} eval examples; {per_step} examples per step, {total} steps")
+
+    # ---- model: fp32 master weights; bf16 autocast on CUDA
+    raw = Transformer.from_pretrained(init_dir, dtype=torch.float32, device=None if cfg.fsdp else device)
+    raw.grad_checkpointing = cfg.grad_checkpointing
+    raw.train()
+    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not cfg.fsdp else nullcontext()
+    model = raw
+    if cfg.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        if raw.config.tie_word_embeddings:
+            sys.exit("--fsdp needs untied input/output embeddings (IFT embeds outside forward); use DDP here")
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32, reduce_dtype=torch.float32)
+        for layer in raw.layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(raw.embed_tokens, mp_policy=mp)  # its own unit: IFT blends embeddings outside forward
+        fully_shard(raw, mp_policy=mp)
+        raw.to(device)
+    elif world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
+    optimizer = opt_cls(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step = load_checkpoint(ckpt, raw, optimizer) if cfg.resume else 0
+    if cfg.resume:
+        print0(f"resumed from {ckpt} at step {step}")
+    peak = peak_flops(device)
+    wandb = None
+    if cfg.wandb_project and rank == 0:
+        import wandb
+        wandb.init(project=cfg.wandb_project, config=asdict(cfg))
+    if cfg.sample_every and held and step == 0:
+        print0(f"sample before: {sample(raw, tok, held[0], device, autocast)!r}")
+
+    # ---- the loop
+    bar = tqdm(total=total, initial=step, disable=rank != 0, desc=cfg.method, dynamic_ncols=True)
+    while step < total:
+        t0 = time.time()
+        lr = lr_at(step, total, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        lam = ift.lam_at(step, cfg.lam, schedule=cfg.lam_schedule, lam_min=cfg.lam_min,
+                         warmup=math.ceil(cfg.warmup_ratio * total), sigma=cfg.lam_noise, seed=cfg.seed)
+        stats = torch.zeros(3, device=device)  # loss, first-pass SFT loss (both averaged over micro-steps), tokens
+        for micro in range(cfg.grad_accum):
+            idx = batch_indices(step, micro, rank, world, cfg.batch_size, cfg.grad_accum, len(train), cfg.seed)
+            x, y = (t.to(device) for t in collate([train[i] for i in idx]))
+            last = micro == cfg.grad_accum - 1  # all-reduce gradients only on the last micro-step
+            if cfg.fsdp:
+                raw.set_requires_gradient_sync(last)
+            elif world > 1:
+                model.require_backward_grad_sync = last
+            with autocast:
+                if cfg.method == "ift":
+                    loss, first, _ = ift.ift_forward(model, x, y, lam, cfg.gamma, embed=raw.embed_tokens)
+                else:
+                    loss = first = ift.sft_forward(model, x, y)
+            (loss / cfg.grad_accum).backward()
+            stats[0] += loss.detach().float() / cfg.grad_accum
+            stats[1] += first.detach().float() / cfg.grad_accum
+            stats[2] += x.numel()  # positions computed, padding included
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if dist.is_initialized():
+            dist.all_reduce(stats)
+            stats[:2] /= world
+        dt = time.time() - t0
+        tps = stats[2].item() / dt
+        log = {"loss": stats[0].item(), "lam": lam, "lr": lr, "tok/s": tps}
+        if cfg.method == "ift":
+            log["sft"] = stats[1].item()  # the first pass's loss on the ground-truth prefix
+        if peak:
+            log["mfu"] = tps * flops_per_token(raw, x.shape[1], cfg.method) / (peak * world)
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
+            log["eval"] = eval_loss(raw, held, cfg, device, autocast, rank, world)
+            print0(f"step {step}: eval loss {log['eval']:.4f}")
+        bar.set_postfix({k: f"{v:.3g}" for k, v in log.items()}, refresh=False)
+        bar.update(1)
+        if wandb:
+            wandb.log(log, step=step)
+        if step == total or step == cfg.stop_at or (cfg.save_every and step % cfg.save_every == 0):
+            save_checkpoint(cfg, model, raw, optimizer, step, rank, init_dir, final=step == total)
+        if step == cfg.stop_at:
+            print0(f"stopping after step {step} (--stop_at); continue with --resume")
+            break
+    bar.close()
+    if cfg.sample_every and held:
+        print0(f"sample after:  {sample(raw, tok, held[0], device, autocast)!r}")
+    if step == total:
+        print0(f"done: {total} steps; model in {cfg.out_dir}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
