@@ -57,6 +57,14 @@ def default_gguf() -> str:
     return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+def ensure_default(path: str) -> str:
+    """path itself, after converting the embedded default model there when path is its (missing) directory."""
+    if os.path.abspath(path) == DEFAULT_OUT and not os.path.exists(os.path.join(DEFAULT_OUT, "model.safetensors")):
+        print(f"converting the embedded default model once, into {DEFAULT_OUT}")
+        convert(None, DEFAULT_OUT)
+    return path
+
+
 def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     # llama.cpp stored rows as (head, pair, 2); HF wants (head, 2, pair): swap the last two row axes back
     out, inp = w.shape
@@ -103,7 +111,8 @@ def convert(gguf_path: str | None = None, out_dir: str = DEFAULT_OUT) -> str:
         "rope_theta": g("rope.freq_base", 10000.0), "rope_scaling": None,
         "max_position_embeddings": g("context_length"), "tie_word_embeddings": tied,
         "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
     }
     tmp = out_dir + ".tmp"

@@ -19,7 +19,7 @@ optional `head` function applied to the final hidden states instead of the outpu
 import json
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -202,8 +202,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(pos, k, v)  # (B, nkv, pos+T, hd)
-        # mask None means plain causal attention over the whole (uncached) sequence
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        # mask None: causal attention from position 0, or one query (decoding) that sees every cached key
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.nkv != self.nh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
@@ -254,8 +254,9 @@ class Transformer(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def _mask(self, T, pos, device, window):
-        """Boolean (T, pos+T) mask, True = may attend; None when plain causal attention is exact."""
-        if pos == 0 and (window is None or T <= window):
+        """Boolean (T, pos+T) mask, True = may attend; None when none is needed: causal attention from
+        position 0, or a single decoding query within the window (no mask makes SDPA's fast path)."""
+        if (pos == 0 or T == 1) and (window is None or pos + T <= window):
             return None
         q = torch.arange(pos, pos + T, device=device)[:, None]
         k = torch.arange(pos + T, device=device)[None, :]
@@ -273,7 +274,8 @@ class Transformer(nn.Module):
             cos, sin = (c.to(torch.get_autocast_dtype(x.device.type)) for c in (cos, sin))
         # Mistral windows every layer; Qwen2's layer_types can window some layers only
         win = self.config.sliding_window
-        masks = {True: self._mask(T, pos, x.device, win), False: self._mask(T, pos, x.device, None)}
+        masks = {False: self._mask(T, pos, x.device, None)}
+        masks[True] = masks[False] if win is None else self._mask(T, pos, x.device, win)
         windowed = self.config.window_layers or [True] * len(self.layers)
         for i, layer in enumerate(self.layers):
             m = masks[windowed[i]]

@@ -8,15 +8,14 @@ Sample from a checkpoint: a downloaded model, a hub id, or a train.py output dir
 Prints the continuation as it decodes (KV cache: the prompt is processed once, then one token per step).
 """
 import argparse
-import os
 import sys
 
 import torch
 
+from convert_gguf import DEFAULT_OUT as DEFAULT_INIT, ensure_default
 from model import Transformer, resolve_checkpoint
 from tokenizer import Tokenizer
 
-DEFAULT_INIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "SmolLM2-135M-Instruct")
 
 
 def main(argv=None):
@@ -33,7 +32,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     try:
-        path = resolve_checkpoint(args.init)
+        path = resolve_checkpoint(ensure_default(args.init))
         tok = Tokenizer.from_pretrained(path)
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
         model = Transformer.from_pretrained(path, dtype=dtype, device=args.device)

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import ift
+from convert_gguf import DEFAULT_OUT, ensure_default
 from data import DataError, batch_indices, collate, tokenize_sources
 from model import Transformer, resolve_checkpoint
 from presets import PRESETS
@@ -36,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @dataclass
 class TrainConfig:
     # model and data
-    init: str = os.path.join(HERE, "checkpoints", "SmolLM2-135M-Instruct")  # checkpoint dir or hub id
+    init: str = DEFAULT_OUT         # checkpoint dir or hub id; default: the embedded SmolLM2-135M-Instruct
     data: str = os.path.join(HERE, "data", "chain_train.jsonl")  # comma-separated sources, see data.py
     eval_data: str = os.path.join(HERE, "data", "chain_test.jsonl")  # "" -> hold out eval_fraction of data
     eval_fraction: float = 0.02
@@ -259,7 +260,7 @@ def main(argv=None):
     if cfg.resume and not ckpt:
         sys.exit(f"--resume: no checkpoint in {cfg.out_dir}")
     try:
-        init_dir = resolve_checkpoint(cfg.init)
+        init_dir = resolve_checkpoint(ensure_default(cfg.init))
         tok = Tokenizer.from_pretrained(init_dir)
         learn = "all" if cfg.learn_all_turns else "last"
         train = tokenize_sources(cfg.data, init_dir, cfg.max_length, learn, cfg.seed, cfg.num_proc, print0)

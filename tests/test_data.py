@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from data import IGNORE, DataError, batch_indices, collate, parse_source, read_rows, to_messages, truncate
 

@@ -1,0 +1,172 @@
+"""
+A small synthetic task with worked steps, where each step starts from the previous step's result:
+one early mistake derails everything after it. This is where IFT is claimed to help most (GSM8K-style
+token-by-token reasoning, exposure bias; Hua et al. 2025, arXiv 2405.11870), in a form that a 135M
+model can learn on a CPU and that can be scored exactly.
+
+Two families, 2-4 steps each (the number of steps is the difficulty level):
+- arith (75%): integer chains with + - * /, operands < 100, every intermediate result in 1..999;
+- letters (25%): 3-5 letters written with spaces (one token each), transformed step by step
+  (reverse, shift forward, swap first and last, move first to end).
+The final answer follows "#### " (GSM8K's convention), so one scorer serves this task and GSM8K.
+
+Sample rows of data/chain_train.jsonl (user -> assistant, newlines shown as |):
+  Start with 17. Add 25, multiply by 3, then subtract 48. What is the result?
+    -> 17 + 25 = 42 | 42 * 3 = 126 | 126 - 48 = 78 | #### 78
+  Start with the letters: c a t. Reverse them, then shift each letter forward by 2. What are the letters?
+    -> reverse: c a t -> t a c | shift +2: t a c -> v c e | #### v c e
+
+Fixed seed, deterministic; held-out rows never appear in the training file (asserted).
+Usage: python make_data.py [--seed 1337] [--n_train 4000] [--n_test 200] [--out_dir data]
+"""
+import argparse
+import json
+import os
+import random
+import string
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class DataConfig:
+    seed: int = 1337
+    n_train: int = 4000
+    n_test: int = 200
+    min_steps: int = 2
+    max_steps: int = 4
+    p_letters: float = 0.25  # share of the letters family
+    out_dir: str = "data"
+
+
+# -----------------------------------------------------------------------------
+# arithmetic chains
+
+SYMBOL = {"add": "+", "subtract": "-", "multiply": "*", "divide": "/"}
+
+
+def arith_options(x: int) -> list:
+    """Every (op, operand) allowed from x: operands < 100, the result stays in 1..999."""
+    opts = [("add", k) for k in range(2, 100) if x + k < 1000]
+    opts += [("subtract", k) for k in range(1, min(100, x))]
+    opts += [("multiply", m) for m in range(2, 10) if x * m < 1000]
+    opts += [("divide", d) for d in range(2, 10) if x % d == 0]
+    return opts
+
+
+def apply_arith(x: int, op: str, k: int) -> int:
+    return {"add": x + k, "subtract": x - k, "multiply": x * k, "divide": x // k}[op]
+
+
+def arith_problem(rng: random.Random, n_steps: int) -> dict:
+    x = start = rng.randint(2, 99)
+    phrases, lines = [], []
+    for _ in range(n_steps):
+        # pick the operation first, then its operand, so that rare ops (divide) still show up
+        opts = arith_options(x)
+        op = rng.choice(sorted({o for o, _ in opts}))
+        k = rng.choice([k for o, k in opts if o == op])
+        y = apply_arith(x, op, k)
+        phrases.append(f"{op} {k}" if op in ("add", "subtract") else f"{op} by {k}")
+        lines.append(f"{x} {SYMBOL[op]} {k} = {y}")
+        x = y
+    question = f"Start with {start}. {join_steps(phrases)}. What is the result?"
+    return dict(question=question, work=lines, answer=str(x))
+
+
+# -----------------------------------------------------------------------------
+# letter transformations
+
+def shift(letters: list, k: int) -> list:
+    return [chr((ord(c) - ord("a") + k) % 26 + ord("a")) for c in letters]
+
+
+def apply_letters(letters: list, op: str, k: int) -> list:
+    if op == "reverse":
+        return letters[::-1]
+    if op == "shift":
+        return shift(letters, k)
+    if op == "swap":
+        return [letters[-1]] + letters[1:-1] + [letters[0]]
+    return letters[1:] + letters[:1]  # rotate: the first letter moves to the end
+
+
+LETTER_OPS = {  # op -> (phrase in the question, label in the worked step)
+    "reverse": ("reverse them", "reverse"),
+    "shift": ("shift each letter forward by {k}", "shift +{k}"),
+    "swap": ("swap the first and last letters", "swap first and last"),
+    "rotate": ("move the first letter to the end", "move first to end"),
+}
+
+
+def letters_problem(rng: random.Random, n_steps: int) -> dict:
+    letters = start = rng.choices(string.ascii_lowercase, k=rng.randint(3, 5))
+    phrases, lines = [], []
+    for _ in range(n_steps):
+        op = rng.choice(sorted(LETTER_OPS))
+        k = rng.randint(1, 3) if op == "shift" else 0
+        new = apply_letters(letters, op, k)
+        phrase, label = (s.format(k=k) for s in LETTER_OPS[op])
+        phrases.append(phrase)
+        lines.append(f"{label}: {' '.join(letters)} -> {' '.join(new)}")
+        letters = new
+    question = f"Start with the letters: {' '.join(start)}. {join_steps(phrases)}. What are the letters?"
+    return dict(question=question, work=lines, answer=" ".join(letters))
+
+
+# -----------------------------------------------------------------------------
+
+def join_steps(phrases: list) -> str:
+    # "Add 25, multiply by 3, then subtract 48"
+    text = ", ".join(phrases[:-1]) + ", then " + phrases[-1] if len(phrases) > 1 else phrases[0]
+    return text[0].upper() + text[1:]
+
+
+def make_row(rng: random.Random, cfg: DataConfig) -> dict:
+    n_steps = rng.randint(cfg.min_steps, cfg.max_steps)
+    family = "letters" if rng.random() < cfg.p_letters else "arith"
+    p = (letters_problem if family == "letters" else arith_problem)(rng, n_steps)
+    reply = "\n".join(p["work"]) + f"\n#### {p['answer']}"
+    messages = [{"role": "user", "content": p["question"]}, {"role": "assistant", "content": reply}]
+    return dict(messages=messages, answer=p["answer"], family=family, steps=n_steps)
+
+
+def make_splits(cfg: DataConfig) -> tuple:
+    """(train, test) lists of rows: one seeded stream of distinct questions, test taken first."""
+    rng = random.Random(cfg.seed)
+    rows, seen = [], set()
+    while len(rows) < cfg.n_test + cfg.n_train:
+        row = make_row(rng, cfg)
+        q = row["messages"][0]["content"]
+        if q not in seen:  # a repeated question would leak between the splits
+            seen.add(q)
+            rows.append(row)
+    test, train = rows[:cfg.n_test], rows[cfg.n_test:]
+    overlap = {r["messages"][0]["content"] for r in train} & {r["messages"][0]["content"] for r in test}
+    assert not overlap, f"{len(overlap)} test questions are also in train"
+    return train, test
+
+
+def write_jsonl(path: str, rows: list):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(DataConfig):
+        parser.add_argument(f"--{f.name}", type=f.type, default=f.default)
+    cfg = DataConfig(**vars(parser.parse_args()))
+    train, test = make_splits(cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    for name, rows in (("chain_train", train), ("chain_test", test)):
+        path = os.path.join(cfg.out_dir, f"{name}.jsonl")
+        write_jsonl(path, rows)
+        mix = {k: sum(r["family"] == k for r in rows) for k in ("arith", "letters")}
+        print(f"wrote {len(rows)} rows to {path} ({mix['arith']} arith, {mix['letters']} letters)")
+    print(f"config: {asdict(cfg)}")
+
+
+if __name__ == "__main__":
+    main()
