@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
-CHUNK = 1024  # answer positions per output-projection chunk: one (CHUNK, V) float32 block at a time
+# answer positions per output-projection chunk: one (CHUNK, V) float32 block at a time (156 MB at V = 152k),
+# whatever the batch; fewer rows per matmul cost no measurable time (bench.py)
+CHUNK = 256
 
 
 # -------------------------------------------------------------------------------------------------
@@ -118,13 +120,55 @@ def _chunk_nll(lm_head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Te
     return F.cross_entropy(lm_head(h).float(), y, reduction="none")  # (c, V) logits live only in here
 
 
+class _ChunkedNLL(torch.autograd.Function):
+    """l = cross_entropy(hs @ W.T, ys) for hs (N, dim), W (V, dim), ys (N,), a chunk of rows at a time, with
+    the backward written out: d l[i] / d logits[i] = softmax(logits[i]) - onehot(ys[i]). Backward recomputes a
+    chunk's logits, turns them into that gradient in place and accumulates W's gradient in one buffer, so it
+    holds one (chunk, V) float32 block and one W-sized gradient; autograd through checkpointed chunks held
+    three blocks (log_softmax, its gradient, the logits' gradient) and a second W-sized buffer to accumulate
+    into. Under autocast the matmuls run in the autocast dtype, as autograd's would."""
+
+    @staticmethod
+    def forward(ctx, hs, weight, ys, chunk):
+        parts, ctx.dtype = [], weight.dtype
+        for hc, yc in zip(hs.split(chunk), ys.split(chunk)):
+            z = F.linear(hc, weight)  # (c, V); the same op as lm_head(hc), so the same bits as chunked_guess's
+            ctx.dtype = z.dtype       # the autocast dtype when autocast is on
+            parts.append(F.cross_entropy(z.float(), yc, reduction="none"))
+        ctx.save_for_backward(hs, weight, ys)
+        ctx.chunk = chunk
+        return torch.cat(parts) if parts else hs.new_zeros(0, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (N,): d loss / d l
+        hs, weight, ys = ctx.saved_tensors
+        w = weight.to(ctx.dtype)
+        grad_h = torch.empty_like(hs) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for i in range(0, hs.size(0), ctx.chunk):
+            hc = hs[i:i + ctx.chunk].to(ctx.dtype)
+            yc, gc = ys[i:i + ctx.chunk], grad[i:i + ctx.chunk]
+            z = F.linear(hc, w).float()  # (c, V) recomputed logits, then in place: softmax, - onehot, * grad
+            z.sub_(z.logsumexp(-1, keepdim=True)).exp_()
+            z[torch.arange(len(yc), device=z.device), yc] -= 1
+            z = z.mul_(gc[:, None]).to(ctx.dtype)
+            if grad_h is not None:
+                grad_h[i:i + ctx.chunk] = z @ w
+            if grad_w is not None:  # in place: no second W-sized buffer (under autocast, a half-size one)
+                grad_w.addmm_(z.t(), hc) if z.dtype == grad_w.dtype else grad_w.add_(z.t() @ hc)
+        return grad_h, grad_w, None, None
+
+
 def chunked_nll(h: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor,
                 chunk: int = CHUNK) -> torch.Tensor:
     """h (B, T, dim) final-norm hidden states -> l (B, T) float32, 0 where ignored; same values as
-    token_nll(lm_head(h), targets). With grad, each chunk is checkpointed: its logits are recomputed
-    in backward (one extra output projection) instead of every chunk's logits staying saved."""
+    token_nll(lm_head(h), targets). No chunk's logits stay saved for backward: they are recomputed there
+    (one extra output projection), by _ChunkedNLL for a plain bias-free linear head, else by checkpointing."""
     mask = targets != IGNORE
     hs, ys = h[mask], targets[mask]  # (N, dim), (N,): answer positions only
+    if torch.is_grad_enabled() and isinstance(lm_head, nn.Linear) and lm_head.bias is None:
+        nll = _ChunkedNLL.apply(hs, lm_head.weight, ys, chunk)
+        return h.new_zeros(targets.shape, dtype=torch.float32).masked_scatter(mask, nll)
     parts = []
     for hc, yc in zip(hs.split(chunk), ys.split(chunk)):  # an empty batch still gives one empty chunk
         if torch.is_grad_enabled():

@@ -60,7 +60,7 @@ class TrainConfig:
     grad_clip: float = 1.0          # 0 = off
     batch_size: int = 8             # examples per process per micro-step
     grad_accum: int = 1             # micro-steps per optimizer step, per process
-    max_steps: int = 150            # optimizer steps; 0 -> epochs
+    max_steps: int = 40             # optimizer steps; 0 -> epochs
     epochs: float = 1.0
     seed: int = 1337
     # system
@@ -70,8 +70,8 @@ class TrainConfig:
     compile: bool = False
     grad_checkpointing: bool = False
     # logging and checkpoints
-    eval_every: int = 50            # steps; 0 = only at the end
-    eval_max: int = 200             # eval examples at most
+    eval_every: int = 20            # steps; 0 = only at the end
+    eval_max: int = 64              # eval examples at most
     save_every: int = 0             # steps; 0 = only at the end
     sample_every: int = -1          # print a greedy sample of one eval prompt at start and end (-1), never (0)
     resume: bool = False

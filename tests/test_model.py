@@ -187,3 +187,9 @@ def test_smollm2_greedy_generation_matches_transformers(smollm2_dir, smollm2_ref
         if i == 0:
             answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
             assert "Paris" in answer, answer
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="could not download 'someone/no-such-model'"):
+        Transformer.from_pretrained("someone/no-such-model")

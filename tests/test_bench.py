@@ -1,0 +1,49 @@
+"""bench.py: runs end to end on a tiny random model and prints its five ratio lines; its CPU memory measure
+sees known allocations. Nothing here times anything."""
+import re
+
+import torch
+
+import bench
+
+LINES = [r"ift/sft step time: \d+\.\d\dx", r"ift/sft peak memory: \d+\.\d\dx",
+         r"loss peak memory vs log_softmax\+gather: \d+\.\d\dx", r"train tokens/s vs transformers: \d+\.\d\dx",
+         r"decode tokens/s vs transformers: \d+\.\d\dx"]
+
+
+def test_bench_prints_the_five_ratios(capsys):
+    bench.main(["--init", "tiny", "--device", "cpu", "--batch_size", "2", "--seq_len", "24", "--warmup", "1",
+                "--steps", "1", "--new_tokens", "3", "--loss_vocab", "2048"])
+    out = capsys.readouterr().out.splitlines()
+    for pattern in LINES:
+        assert sum(bool(re.fullmatch(pattern, line)) for line in out) == 1, f"no line {pattern!r} in:\n" + "\n".join(out)
+    assert "TorchDispatchMode" in "\n".join(out)  # the output says how memory was measured
+
+
+def test_live_bytes_sees_a_known_allocation():
+    with bench.LiveBytes() as live:
+        a = torch.ones(16 * 2**20)  # 64 MB of float32
+        b = a[1:].view(-1, 1)       # views and in-place ops allocate nothing
+        b.mul_(2)
+        del a, b                    # freed: the next allocation reuses the budget
+        c = torch.zeros(8 * 2**20)  # 32 MB
+        after_free = live.now
+    assert abs(live.peak - 64 * 2**20) < 2**20
+    assert abs(after_free - 32 * 2**20) < 2**20
+    del c
+
+
+def test_live_bytes_counts_autograd_and_ignores_old_tensors():
+    w = torch.randn(1024, 1024, requires_grad=True)  # 4 MB allocated before: not counted
+    x = torch.randn(2048, 1024)                      # 8 MB
+    peak = bench.peak_memory(lambda: (x @ w).relu().sum().backward(), torch.device("cpu"))
+    # forward: x @ w (8 MB) and relu's output (8 MB, saved for backward); backward: their gradients and w.grad
+    assert 16 * 2**20 <= peak <= 40 * 2**20
+    assert w.grad is not None
+
+
+def test_make_batch_is_realistic():
+    idx, targets = bench.make_batch(3, 30, 100, "cpu")
+    answer = targets != -100
+    assert answer[:, :9].sum() == 0 and answer[:, 9:29].all() and not answer[:, 29].any()
+    assert torch.equal(targets[:, 9:29], idx[:, 10:30])  # position t predicts token t + 1
