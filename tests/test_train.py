@@ -154,11 +154,11 @@ def test_bad_input_stops_with_a_clear_message_and_clean_out_dir(case, tiny_dir, 
 
 
 def test_smollm2_both_methods_lower_the_loss(smollm2_dir, tmp_path):
-    rows = write_jsonl(tmp_path / "rows.jsonl", chat_rows(8))
+    rows = write_jsonl(tmp_path / "rows.jsonl", chat_rows(4))
     before = batch_loss(smollm2_dir, rows)
     for method in ("sft", "ift"):
         out = tmp_path / method
         train.main(["--init", smollm2_dir, "--data", rows, "--eval_data", rows, "--out_dir", str(out),
-                    "--method", method, "--batch_size", "8", "--max_steps", "3", "--warmup_ratio", "0",
+                    "--method", method, "--batch_size", "4", "--max_steps", "2", "--warmup_ratio", "0",
                     "--lr", "1e-4", "--optimizer", "adamw", "--eval_every", "0", "--sample_every", "0"])
         assert batch_loss(str(out), rows) < before, method
