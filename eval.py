@@ -20,11 +20,14 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+import ift
+from data import collate
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -145,22 +148,16 @@ def answer_losses(model, tok, rows: list, batch_size: int = 16, progress: bool =
     order = sorted(range(len(rows)), key=lambda i: len(encoded[i][0]))
     batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
     for b in tqdm(batches, desc="loss", disable=not progress, leave=False):
-        T = max(len(encoded[i][0]) for i in b)
-        idx = torch.zeros(len(b), T, dtype=torch.long)
-        targets = torch.full((len(b), T), -100, dtype=torch.long)  # -100 on prompt tokens and pads
-        for j, i in enumerate(b):
-            ids, mask = encoded[i]
-            if not any(mask[1:]):
+        for i in b:
+            if not any(encoded[i][1][1:]):
                 raise ValueError(f"row {i} has no answer tokens to score")
-            idx[j, :len(ids)] = torch.tensor(ids)
-            targets[j, :len(ids) - 1] = torch.tensor([t if m else -100 for t, m in zip(ids[1:], mask[1:])])
-        idx, targets = idx.to(device), targets.to(device)
-        keep = targets != -100  # (B, T): position t predicts answer token t + 1
-        # project only the kept positions to the vocabulary: (N, V) instead of (B, T, V)
-        logits = model(idx, head=lambda h, lm_head: lm_head(h[keep]))
-        nll = F.cross_entropy(logits.float(), targets[keep], reduction="none")  # (N,)
-        row = torch.arange(len(b), device=device)[:, None].expand(-1, T)[keep]  # (N,) batch row of each token
-        per_row = torch.zeros(len(b), device=device).index_add_(0, row, nll) / keep.sum(1)
+        # right-padded inputs and -100 targets off the answer (data.collate, as in training); only answer
+        # positions are projected to the vocabulary (ift.chunked_nll)
+        idx, targets = (t.to(device) for t in collate([(np.array(encoded[i][0]), np.array(encoded[i][1], bool))
+                                                       for i in b]))
+        nll = model(idx, head=partial(ift.chunked_nll, targets=targets))  # (B, T), 0 off the answer
+        keep = targets != ift.IGNORE
+        per_row = nll.sum(1) / keep.sum(1)
         for j, i in enumerate(b):
             losses[i] = per_row[j].item()
     return losses
