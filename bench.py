@@ -112,6 +112,30 @@ def median_times(fns: dict, warmup: int, steps: int, device) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+# Peak memory bandwidth per GPU, bytes/s (vendor datasheets), first matching name wins: the decoding roofline.
+PEAK_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "GH200": 4.0e12, "H200": 4.8e12,
+                  "A100 80GB PCIe": 1.935e12, "A100-SXM4-80GB": 2.039e12, "A100": 1.555e12}
+
+
+def device_peaks(device, peak_tflops: float, bandwidth_gbs: float) -> tuple[float | None, float | None]:
+    """(dense bf16 FLOP/s, memory bytes/s) of the device: the flags when given, else the GPU's row in
+    train.PEAK_BF16_FLOPS / PEAK_BANDWIDTH; None where unknown (CPUs are in no table)."""
+    from train import peak_flops
+    flops = peak_tflops * 1e12 if peak_tflops else peak_flops(device)
+    bw = bandwidth_gbs * 1e9 if bandwidth_gbs else None
+    if bw is None and device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        bw = next((v for k, v in PEAK_BANDWIDTH.items() if k in name), None)
+    return flops, bw
+
+
+def decode_bytes(model: Transformer) -> int:
+    """Weight bytes one decoding step reads: every parameter, except that an untied input embedding table is
+    read one row per token (its rows are negligible and not counted)."""
+    skip = 0 if model.config.tie_word_embeddings else model.embed_tokens.weight.numel()
+    return sum(p.numel() * p.element_size() for p in model.parameters()) - skip * model.embed_tokens.weight.element_size()
+
+
 # -------------------------------------------------------------------------------------------------------------------
 # what is measured
 
@@ -198,6 +222,10 @@ def parse_args(argv=None):
     ap.add_argument("--new_tokens", type=int, default=32, help="tokens decoded per row")
     ap.add_argument("--loss_vocab", type=int, default=QWEN2_VOCAB, help="vocabulary of the loss-memory comparison")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    ap.add_argument("--peak_tflops", type=float, default=0,
+                    help="the device's dense peak for MFU; 0 = look the GPU up in train.PEAK_BF16_FLOPS")
+    ap.add_argument("--bandwidth", type=float, default=0,
+                    help="the device's memory bandwidth in GB/s for the decoding roofline; 0 = look the GPU up")
     args = ap.parse_args(argv)
     if args.seq_len < 3 or args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
         ap.error("--seq_len >= 3, --batch_size >= 1, --steps >= 1, --warmup >= 0")
@@ -234,16 +262,17 @@ def main(argv=None):
     print(f"memory: {memory_measure(device)}, peak above the weights and optimizer state")
 
     # ---- training steps: SFT and IFT on one model (and optimizer), transformers' SFT on a twin
-    run = torch.compile(model) if args.compile else model
+    if args.compile:
+        model.compile_blocks()  # as train.py
     optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-8)
 
     def sft_loss():
         with autocast:
-            return ift.sft_forward(run, idx, targets)
+            return ift.sft_forward(model, idx, targets)
 
     def ift_loss():
         with autocast:
-            return ift.ift_forward(run, idx, targets, args.lam, args.gamma, embed=model.embed_tokens)[0]
+            return ift.ift_forward(model, idx, targets, args.lam, args.gamma, embed=model.embed_tokens)[0]
 
     steps = {"sft": train_step(sft_loss, optimizer),
              "ift": train_step(ift_loss, optimizer)}
@@ -264,16 +293,14 @@ def main(argv=None):
         steps["transformers sft"] = train_step(hf_loss, torch.optim.RMSprop(hf.parameters(), lr=1e-8))
     secs = median_times(steps, args.warmup, args.steps, device)
     peaks = {k: peak_memory(steps[k], device) for k in ("sft", "ift")}
-    peak, flops_per_token = None, None
-    if cuda:  # MFU against the device's own dense bf16 peak (train.py's table)
-        from train import flops_per_token, peak_flops
-        peak = peak_flops(device)
+    peak, bandwidth = device_peaks(device, args.peak_tflops, args.bandwidth)
     for k, s in secs.items():
         line = f"{k}: step {s * 1e3:.1f} ms, {B * T / s:.0f} tokens/s"
-        if peak:
+        if peak:  # model FLOPs utilization: the PaLM count (train.flops_per_token) per second over the peak
+            from train import flops_per_token
             line += f", MFU {B * T / s * flops_per_token(model, T, 'ift' if k == 'ift' else 'sft') / peak:.1%}"
         elif cuda:
-            line += ", MFU n/a (device not in train.PEAK_BF16_FLOPS)"
+            line += ", MFU n/a (device not in train.PEAK_BF16_FLOPS; pass --peak_tflops)"
         if k in peaks:
             line += f", peak memory {peaks[k] / MB:.1f} MB"
         print(line)
@@ -283,18 +310,22 @@ def main(argv=None):
         from transformers import GenerationConfig
         model.eval()
         hf.eval()
+        if bf16:  # decode from bf16 weights, as sample.py does: autocast would re-cast fp32 weights every token
+            model.to(torch.bfloat16)
+            hf.to(torch.bfloat16)
         prompt = idx[:, :max(1, T // 3)]
         n = args.new_tokens
-        gen_cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
-                                   pad_token_id=0)
+        # no eos on either side, so both decode exactly n tokens. (Not min_new_tokens: transformers then bans the
+        # checkpoint's eos id, and the greedy paths part wherever eos is the top token.)
+        hf.generation_config.eos_token_id = None
+        gen_cfg = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
         outs = {}
 
         def ours_decode():
-            with autocast:
-                outs["ours"] = model.generate(prompt, n, temperature=0)
+            outs["ours"] = model.generate(prompt, n, temperature=0)
 
         def hf_decode():
-            with torch.no_grad(), autocast:
+            with torch.no_grad():
                 outs["transformers"] = hf.generate(prompt, attention_mask=torch.ones_like(prompt),
                                                    generation_config=gen_cfg)
 
@@ -305,6 +336,11 @@ def main(argv=None):
             print(f"decode {k}: {B} x {n} new tokens from a {prompt.size(1)}-token prompt, {s * 1e3:.1f} ms, "
                   f"{B * n / s:.1f} tokens/s")
         print(f"decode: greedy tokens identical at {agree:.1%} of positions")
+        if bandwidth:  # each step reads every weight once, for all B rows: at best B * bandwidth / bytes tokens/s
+            roof = B * bandwidth / decode_bytes(model)
+            print(f"decode roofline: {decode_bytes(model) / 1e9:.3f} GB of weights per step at "
+                  f"{bandwidth / 1e9:.0f} GB/s -> {roof:.0f} tokens/s; ours {B * n / dsecs['ours'] / roof:.1%} of it, "
+                  f"transformers {B * n / dsecs['transformers'] / roof:.1%}")
         del hf, hf_run
 
     # ---- the per-token loss at a large vocabulary: ours (answer positions only, chunked) vs log_softmax + gather

@@ -287,6 +287,12 @@ class Transformer(nn.Module):
         h = self.norm(x)
         return self.lm_head(h) if head is None else head(h, self.lm_head)
 
+    def compile_blocks(self):
+        """torch.compile block by block (one graph serves every layer). The heads ift.py passes to forward pick
+        answer positions, a data-dependent shape that would break a whole-model graph; they stay eager."""
+        for layer in self.layers:
+            layer.compile()
+
     # ---------------------------------------------------------------------------------------------------------------
     # decoding
 
@@ -312,7 +318,9 @@ class Transformer(nn.Module):
                  for _ in range(cfg.n_layers)]
         eos = torch.tensor(list(eos_ids or []), device=idx.device, dtype=torch.long)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        logits = self(idx, cache=cache, head=_last_position)
+        # eager even when compile_blocks() ran: compiled blocks would recompile at every new position
+        with torch.compiler.set_stance("force_eager"):
+            logits = self(idx, cache=cache, head=_last_position)
         for step in range(max_new_tokens):
             tok = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B, 1)
             if len(eos):
@@ -321,7 +329,8 @@ class Transformer(nn.Module):
             yield tok
             if bool(done.all()) or step == max_new_tokens - 1:
                 return
-            logits = self(tok, cache=cache, pos=T + step)
+            with torch.compiler.set_stance("force_eager"):
+                logits = self(tok, cache=cache, pos=T + step)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Hugging Face checkpoints

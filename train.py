@@ -69,6 +69,7 @@ class TrainConfig:
     fsdp: bool = False
     compile: bool = False
     grad_checkpointing: bool = False
+    peak_tflops: float = 0.0        # one device's dense peak, for the MFU log; 0 = the GPU's row in PEAK_BF16_FLOPS
     # logging and checkpoints
     eval_every: int = 20            # steps; 0 = only at the end
     eval_max: int = 64              # eval examples at most
@@ -283,6 +284,8 @@ def main(argv=None):
     raw.train()
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not cfg.fsdp else nullcontext()
+    if cfg.compile:
+        raw.compile_blocks()
     model = raw
     if cfg.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -297,14 +300,12 @@ def main(argv=None):
     elif world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
     opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
     optimizer = opt_cls(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = load_checkpoint(ckpt, raw, optimizer) if cfg.resume else 0
     if cfg.resume:
         print0(f"resumed from {ckpt} at step {step}")
-    peak = peak_flops(device)
+    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else peak_flops(device)
     wandb = None
     if cfg.wandb_project and rank == 0:
         import wandb
@@ -356,7 +357,7 @@ def main(argv=None):
             log["mfu"] = tps * flops_per_token(raw, x.shape[1], cfg.method) / (peak * world)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
             log["eval"] = eval_loss(raw, held, cfg, device, autocast, rank, world)
-            print0(f"step {step}: eval loss {log['eval']:.4f}")
+            print0(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in log.items()))
         bar.set_postfix({k: f"{v:.3g}" for k, v in log.items()}, refresh=False)
         bar.update(1)
         if wandb:

@@ -2,6 +2,7 @@
 sees known allocations. Nothing here times anything."""
 import re
 
+import pytest
 import torch
 
 import bench
@@ -11,13 +12,22 @@ LINES = [r"ift/sft step time: \d+\.\d\dx", r"ift/sft peak memory: \d+\.\d\dx",
          r"decode tokens/s vs transformers: \d+\.\d\dx"]
 
 
-def test_bench_prints_the_five_ratios(capsys):
+@pytest.mark.parametrize("extra", [[], ["--dtype", "bf16", "--peak_tflops", "0.5", "--bandwidth", "20"]])
+def test_bench_prints_the_five_ratios(extra, capsys):
     bench.main(["--init", "tiny", "--device", "cpu", "--batch_size", "2", "--seq_len", "24", "--warmup", "1",
-                "--steps", "1", "--new_tokens", "3", "--loss_vocab", "2048"])
+                "--steps", "1", "--new_tokens", "3", "--loss_vocab", "2048", *extra])
     out = capsys.readouterr().out.splitlines()
     for pattern in LINES:
         assert sum(bool(re.fullmatch(pattern, line)) for line in out) == 1, f"no line {pattern!r} in:\n" + "\n".join(out)
-    assert "TorchDispatchMode" in "\n".join(out)  # the output says how memory was measured
+    text = "\n".join(out)
+    assert "TorchDispatchMode" in text  # the output says how memory was measured
+    if not extra:  # fp32: the same weights take the same greedy path (bf16 rounding could part near-ties)
+        assert "decode: greedy tokens identical at 100.0% of positions" in text
+    if extra:  # the GPU-only lines, on CPU through the flags: MFU per method and the decoding roofline
+        assert all(re.search(r", MFU \d+\.\d%", line) for line in out if line.startswith(("sft:", "ift:")))
+        roof = next(line for line in out if line.startswith("decode roofline: "))
+        gb = bench.decode_bytes(bench.Transformer(bench.TINY).bfloat16()) / 1e9
+        assert roof.startswith(f"decode roofline: {gb:.3f} GB of weights per step at 20 GB/s")
 
 
 def test_live_bytes_sees_a_known_allocation():

@@ -1,4 +1,5 @@
 """ift.py against a slow loop-by-loop float64 reading of the spec; its exact reductions; its memory."""
+import copy
 import math
 from functools import partial
 
@@ -317,3 +318,29 @@ def test_dpo_orpo_and_answer_logps_against_formulas():
         lp = [F.log_softmax(z[b, t], 0)[targets[b, t]].item() for t in range(8) if targets[b, t] != IGNORE]
         assert total[b].item() == pytest.approx(sum(lp), rel=1e-5)
         assert avg[b].item() == pytest.approx(sum(lp) / len(lp), rel=1e-5)
+
+
+def ift_step_grads(model, idx, targets, autocast=None):
+    """IFT loss and the gradient of every parameter, flattened into one vector."""
+    model.zero_grad(set_to_none=True)
+    with autocast or torch.autocast("cpu", enabled=False):
+        loss = ift.ift_forward(model, idx, targets, 0.2, 0.95, embed=model.embed_tokens)[0]
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_compiled_blocks_and_bf16_autocast_give_the_eager_fp32_step():
+    """train.py's --compile (each block compiled, heads eager) and --dtype bf16 (autocast) on the CPU path."""
+    model = tiny_model(vocab=64, dim=64)
+    idx, targets = random_batch(B=4, T=16, V=64)
+    loss, grad = ift_step_grads(model, idx, targets)
+    half_loss, half_grad = ift_step_grads(model, idx, targets, torch.autocast("cpu", dtype=torch.bfloat16))
+    assert abs(half_loss - loss) < 2e-2 * loss
+    assert F.cosine_similarity(half_grad, grad, dim=0) > 0.99
+    compiled = copy.deepcopy(model)
+    compiled.compile_blocks()
+    for T in (16, 13):  # a second sequence length: recompiled as dynamic, still the same numbers
+        want = ift_step_grads(model, idx[:, :T], targets[:, :T])
+        got = ift_step_grads(compiled, idx[:, :T], targets[:, :T])
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-6)

@@ -1,5 +1,6 @@
 """train.py end to end on CPU: methods, DDP/FSDP over gloo, resume, bad input, checkpoints transformers loads."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -162,3 +163,52 @@ def test_smollm2_both_methods_lower_the_loss(smollm2_dir, tmp_path):
                     "--method", method, "--batch_size", "4", "--max_steps", "2", "--warmup_ratio", "0",
                     "--lr", "1e-4", "--optimizer", "adamw", "--eval_every", "0", "--sample_every", "0"])
         assert batch_loss(str(out), rows) < before, method
+
+
+@pytest.mark.parametrize("method", ["sft", "ift"])
+def test_flops_per_token_counts_what_flop_counter_sees(method):
+    """train.flops_per_token (PaLM's 6N + 12 L H Q T; IFT one more forward) against torch's FlopCounterMode on a
+    real step. On CPU FlopCounterMode does not see SDPA, so attention is added from the formula; what is left
+    between the two is the norm weights (counted in N) and IFT's (T, T) propagation matmul: well under 1%."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import ift
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96)
+    model = Transformer(cfg)
+    B, T = 2, 24
+    idx = torch.randint(0, 96, (B, T))
+    targets = torch.roll(idx, -1, 1)  # every position learned: the formula's assumption
+    with FlopCounterMode(display=False) as counter:
+        if method == "sft":
+            loss = ift.sft_loss(model(idx), targets)
+        else:
+            loss = ift.ift_forward(model, idx, targets, 0.2, 0.95, embed=model.embed_tokens)[0]
+        loss.backward()
+    passes = {"sft": 3, "ift": 4}[method]  # forward = 1, backward = 2
+    attention = passes * 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * T * B * T
+    want = train.flops_per_token(model, T, method) * B * T
+    assert abs(counter.get_total_flops() + attention - want) < 0.01 * want
+
+
+def test_peak_tables_pick_the_most_specific_gpu_name(monkeypatch):
+    import bench
+    cuda = torch.device("cuda", 0)
+    for name, flops, bandwidth in [("NVIDIA H100 80GB HBM3", 989e12, 3.35e12), ("NVIDIA H100 PCIe", 756e12, 2.0e12),
+                                   ("NVIDIA H200", 989e12, 4.8e12), ("NVIDIA A100-SXM4-80GB", 312e12, 2.039e12),
+                                   ("NVIDIA A100-SXM4-40GB", 312e12, 1.555e12), ("Tesla T4", None, None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert bench.device_peaks(cuda, 0, 0) == (flops, bandwidth), name
+    assert bench.device_peaks(torch.device("cpu"), 0, 0) == (None, None)
+    assert bench.device_peaks(torch.device("cpu"), 2.5, 40) == (2.5e12, 40e9)  # the flags win everywhere
+
+
+def test_bf16_compiled_run_logs_mfu_and_saves_a_loadable_model(tiny_dir, rows_file, tmp_path, capsys):
+    out = tmp_path / "compiled"
+    train.main(args(tiny_dir, rows_file, out, "--method", "ift", "--dtype", "bf16", "--compile",
+                    "--peak_tflops", "1", "--eval_every", "2", "--max_steps", "2"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step 2: ")]
+    assert len(lines) == 1 and "mfu" in lines[0] and "eval" in lines[0], lines
+    values = dict(pair.split(" ") for pair in lines[0].removeprefix("step 2: ").split(", "))
+    assert 0 < float(values["mfu"]) and all(math.isfinite(float(v)) for v in values.values())
+    reloaded = Transformer.from_pretrained(str(out))
+    assert all(torch.isfinite(p).all() for p in reloaded.parameters())
