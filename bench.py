@@ -132,8 +132,9 @@ def device_peaks(device, peak_tflops: float, bandwidth_gbs: float) -> tuple[floa
 def decode_bytes(model: Transformer) -> int:
     """Weight bytes one decoding step reads: every parameter, except that an untied input embedding table is
     read one row per token (its rows are negligible and not counted)."""
-    skip = 0 if model.config.tie_word_embeddings else model.embed_tokens.weight.numel()
-    return sum(p.numel() * p.element_size() for p in model.parameters()) - skip * model.embed_tokens.weight.element_size()
+    emb = model.embed_tokens.weight
+    skip = 0 if model.config.tie_word_embeddings else emb.numel() * emb.element_size()
+    return sum(p.numel() * p.element_size() for p in model.parameters()) - skip
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -252,7 +253,8 @@ def main(argv=None):
     idx, targets = make_batch(B, T, cfg.vocab_size, device)
     n_answer = int((targets[0] != ift.IGNORE).sum())
     where = (f"{torch.cuda.get_device_name(device)}" if cuda
-             else f"cpu, {torch.get_num_threads()} threads, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+             else f"cpu, {torch.get_num_threads()} threads, load average "
+                  f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"device: {where}; torch {torch.__version__}")
     print(f"model: {args.init} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"vocab {cfg.vocab_size}), fp32 weights{', bf16 autocast' if bf16 else ''}"

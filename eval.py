@@ -111,25 +111,22 @@ def load_gsm8k(path: str) -> list:
 # -----------------------------------------------------------------------------
 # the two measurements
 
-def length_batches(lengths: list, batch_size: int) -> list:
-    """Lists of row indices, each of one length only (the model has no padding mask for generation)."""
-    groups = {}
-    for i, n in enumerate(lengths):
-        groups.setdefault(n, []).append(i)
-    return [g[k:k + batch_size] for _, g in sorted(groups.items()) for k in range(0, len(g), batch_size)]
-
-
 @torch.no_grad()
 def generate_texts(model, tok, prompts: list, max_new_tokens: int = 128, batch_size: int = 16,
                    progress: bool = False) -> list:
-    """Greedy continuations of token-id prompts, decoded up to (not including) the first eos."""
+    """Greedy continuations of token-id prompts, decoded up to (not including) the first eos. Prompts are
+    batched in length order, left-padded, with the padding masked (model.generate's pad)."""
     device = model.embed_tokens.weight.device
     eos = set(tok.eos_ids)
     texts = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # little padding per batch
     bar = tqdm(total=len(prompts), desc="generate", disable=not progress, leave=False)
-    for b in length_batches([len(p) for p in prompts], batch_size):
-        idx = torch.tensor([prompts[i] for i in b], dtype=torch.long, device=device)  # (B, T)
-        new = model.generate(idx, max_new_tokens, temperature=0, eos_ids=tok.eos_ids)[:, idx.size(1):]
+    for start in range(0, len(order), batch_size):
+        b = order[start:start + batch_size]
+        T = max(len(prompts[i]) for i in b)
+        pad = torch.tensor([T - len(prompts[i]) for i in b], device=device)
+        idx = torch.tensor([[0] * (T - len(prompts[i])) + list(prompts[i]) for i in b], device=device)
+        new = model.generate(idx, max_new_tokens, temperature=0, eos_ids=tok.eos_ids, pad=pad)[:, T:]
         for i, ids in zip(b, new.tolist()):
             end = next((k for k, t in enumerate(ids) if t in eos), len(ids))
             texts[i] = tok.decode(ids[:end])

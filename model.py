@@ -253,18 +253,24 @@ class Transformer(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def _mask(self, T, pos, device, window):
+    def _mask(self, T, pos, device, window, pad=None):
         """Boolean (T, pos+T) mask, True = may attend; None when none is needed: causal attention from
-        position 0, or a single decoding query within the window (no mask makes SDPA's fast path)."""
-        if (pos == 0 or T == 1) and (window is None or pos + T <= window):
+        position 0, or a single decoding query within the window (no mask makes SDPA's fast path).
+        With left padding pad (B,): (B, 1, T, pos+T), each row's padding hidden from its real tokens. (Rows
+        need no position shift: RoPE attention scores depend only on the distance between query and key.)"""
+        if pad is None and (pos == 0 or T == 1) and (window is None or pos + T <= window):
             return None
         q = torch.arange(pos, pos + T, device=device)[:, None]
         k = torch.arange(pos + T, device=device)[None, :]
-        return (k <= q) if window is None else (k <= q) & (q - k < window)
+        m = (k <= q) if window is None else (k <= q) & (q - k < window)
+        if pad is not None:  # a padding query still sees itself: no all-masked (NaN) softmax row
+            m = (m & (k >= pad[:, None, None, None])) | (k == q)
+        return m
 
-    def forward(self, idx=None, *, embeds=None, head=None, cache=None, pos: int = 0):
+    def forward(self, idx=None, *, embeds=None, head=None, cache=None, pos: int = 0, pad=None):
         """idx (B, T) token ids, or embeds (B, T, dim) input vectors -> logits (B, T, vocab).
-        head(h, lm_head) replaces the output projection when given; cache/pos are for decoding."""
+        head(h, lm_head) replaces the output projection when given; cache/pos are for decoding;
+        pad (B,) counts left-padding positions per row (batched prompts of different lengths)."""
         x = self.embed_tokens(idx) if embeds is None else embeds
         B, T, _ = x.shape
         freqs = torch.arange(pos, pos + T, device=x.device, dtype=torch.float32)[:, None] * self.inv_freq[None]
@@ -274,8 +280,8 @@ class Transformer(nn.Module):
             cos, sin = (c.to(torch.get_autocast_dtype(x.device.type)) for c in (cos, sin))
         # Mistral windows every layer; Qwen2's layer_types can window some layers only
         win = self.config.sliding_window
-        masks = {False: self._mask(T, pos, x.device, None)}
-        masks[True] = masks[False] if win is None else self._mask(T, pos, x.device, win)
+        masks = {False: self._mask(T, pos, x.device, None, pad)}
+        masks[True] = masks[False] if win is None else self._mask(T, pos, x.device, win, pad)
         windowed = self.config.window_layers or [True] * len(self.layers)
         for i, layer in enumerate(self.layers):
             m = masks[windowed[i]]
@@ -298,16 +304,18 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, eos_ids=None, generator=None):
+                 top_p: float | None = None, eos_ids=None, generator=None, pad=None):
         """Continue idx (B, T); temperature 0 is greedy. Returns (B, T + n) with n <= max_new_tokens.
-        Rows that produced an eos id keep emitting it until every row has finished."""
+        Rows that produced an eos id keep emitting it until every row has finished. Prompts of different
+        lengths: left-pad them and give pad (B,), the number of padding positions of each row."""
         out = [idx]
-        for tok in self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos_ids, generator):
+        for tok in self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos_ids, generator, pad):
             out.append(tok)
         return torch.cat(out, dim=1)
 
     @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_ids=None, generator=None):
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_ids=None, generator=None,
+               pad=None):
         """Yield the next token (B, 1) step by step: prefill the KV cache once, then one position per step."""
         B, T = idx.shape
         cfg = self.config
@@ -320,7 +328,7 @@ class Transformer(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         # eager even when compile_blocks() ran: compiled blocks would recompile at every new position
         with torch.compiler.set_stance("force_eager"):
-            logits = self(idx, cache=cache, head=_last_position)
+            logits = self(idx, cache=cache, head=_last_position, pad=pad)
         for step in range(max_new_tokens):
             tok = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B, 1)
             if len(eos):
@@ -330,7 +338,7 @@ class Transformer(nn.Module):
             if bool(done.all()) or step == max_new_tokens - 1:
                 return
             with torch.compiler.set_stance("force_eager"):
-                logits = self(tok, cache=cache, pos=T + step)
+                logits = self(tok, cache=cache, pos=T + step, pad=pad)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Hugging Face checkpoints

@@ -18,7 +18,8 @@ def test_bench_prints_the_five_ratios(extra, capsys):
                 "--steps", "1", "--new_tokens", "3", "--loss_vocab", "2048", *extra])
     out = capsys.readouterr().out.splitlines()
     for pattern in LINES:
-        assert sum(bool(re.fullmatch(pattern, line)) for line in out) == 1, f"no line {pattern!r} in:\n" + "\n".join(out)
+        found = sum(bool(re.fullmatch(pattern, line)) for line in out)
+        assert found == 1, f"no line {pattern!r} in:\n" + "\n".join(out)
     text = "\n".join(out)
     assert "TorchDispatchMode" in text  # the output says how memory was measured
     if not extra:  # fp32: the same weights take the same greedy path (bf16 rounding could part near-ties)

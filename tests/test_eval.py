@@ -191,14 +191,7 @@ def test_exact_match_counts_correct_answers(tiny, monkeypatch):
     assert res["predictions"][3]["extracted"] == "99999"
 
 
-def test_length_batches_hold_one_length():
-    lengths = [5, 3, 5, 5, 7, 3, 5]
-    batches = ev.length_batches(lengths, 2)
-    assert sorted(i for b in batches for i in b) == list(range(7))
-    assert all(len({lengths[i] for i in b}) == 1 and len(b) <= 2 for b in batches)
-
-
-def test_grouped_generation_equals_one_by_one(tiny):
+def test_padded_batched_generation_equals_one_by_one(tiny):
     model, tok = tiny
     rng = torch.Generator().manual_seed(1)
     lengths = [6, 9, 6, 6, 4, 9, 6]

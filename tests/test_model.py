@@ -105,6 +105,27 @@ def test_kv_cache_decoding_matches_full_forward(case, tmp_path):
     assert torch.equal(out, hf_out)
 
 
+@pytest.mark.parametrize("case", ["mistral_window", "qwen2_window_layers", "llama3_tied"])
+def test_left_padded_batch_equals_each_prompt_alone(case, tmp_path):
+    """Prompts of different lengths in one left-padded batch: the same logits and greedy continuations as
+    each prompt run alone (positions count from a row's first real token; padding is masked)."""
+    kind, overrides = CASES[case]
+    ours = load_ours(make_hf(kind, **overrides), tmp_path)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, TINY["vocab_size"], (n,), generator=g) for n in (11, 4, 8)]
+    T = max(len(p) for p in prompts)
+    pad = torch.tensor([T - len(p) for p in prompts])
+    idx = torch.stack([torch.cat([torch.zeros(T - len(p), dtype=torch.long), p]) for p in prompts])
+    with torch.no_grad():
+        batched = ours(idx, pad=pad)
+        assert torch.isfinite(batched).all()  # padding positions included: no all-masked softmax row
+        for b, p in enumerate(prompts):
+            torch.testing.assert_close(batched[b, pad[b]:], ours(p[None])[0], rtol=1e-5, atol=1e-5)
+    out = ours.generate(idx, 14, temperature=0, pad=pad)  # 11 + 14 tokens: past every sliding window
+    for b, p in enumerate(prompts):
+        assert torch.equal(out[b, T:], ours.generate(p[None], 14, temperature=0)[0, len(p):]), b
+
+
 def test_generate_stops_at_eos_and_samples_reproducibly():
     torch.manual_seed(0)
     m = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4, n_kv_heads=4, intermediate_size=64))
