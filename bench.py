@@ -276,6 +276,10 @@ def main(argv=None):
         with autocast:
             return ift.ift_forward(model, idx, targets, args.lam, args.gamma, embed=model.embed_tokens)[0]
 
+    def guess_pass():  # IFT's extra work alone: the forward without gradient that makes the guesses
+        with torch.no_grad(), autocast:
+            ift.infer_one_step_ahead(model, idx, targets)
+
     steps = {"sft": train_step(sft_loss, optimizer),
              "ift": train_step(ift_loss, optimizer)}
     hf, skipped = None, "skipped (transformers is not installed)"
@@ -285,7 +289,10 @@ def main(argv=None):
         pass
     if hf is not None:
         if args.grad_checkpointing:
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+                hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         hf_run = torch.compile(hf) if args.compile else hf
 
         def hf_loss():
@@ -293,7 +300,8 @@ def main(argv=None):
                 return ift.sft_loss(hf_run(input_ids=idx, use_cache=False).logits, targets)
 
         steps["transformers sft"] = train_step(hf_loss, torch.optim.RMSprop(hf.parameters(), lr=1e-8))
-    secs = median_times(steps, args.warmup, args.steps, device)
+    secs = median_times(dict(steps, guess=guess_pass), args.warmup, args.steps, device)
+    guess = secs.pop("guess")
     peaks = {k: peak_memory(steps[k], device) for k in ("sft", "ift")}
     peak, bandwidth = device_peaks(device, args.peak_tflops, args.bandwidth)
     for k, s in secs.items():
@@ -351,6 +359,9 @@ def main(argv=None):
           f"peak memory ours {ours / MB:.1f} MB, log_softmax+gather {ref / MB:.1f} MB ({memory_measure(device)})")
 
     print(f"ift/sft step time: {secs['ift'] / secs['sft']:.2f}x")
+    floor = (secs["sft"] + guess) / secs["sft"]
+    print(f"ift/sft floor on this machine, (sft step + guess pass) / sft step: {floor:.2f}x "
+          f"(guess pass {guess * 1e3:.1f} ms)")
     print(f"ift/sft peak memory: {peaks['ift'] / peaks['sft']:.2f}x")
     print(f"loss peak memory vs log_softmax+gather: {ours / ref:.2f}x")
     if "transformers sft" in secs:

@@ -22,6 +22,7 @@ def test_bench_prints_the_five_ratios(extra, capsys):
         assert found == 1, f"no line {pattern!r} in:\n" + "\n".join(out)
     text = "\n".join(out)
     assert "TorchDispatchMode" in text  # the output says how memory was measured
+    assert re.search(r"^ift/sft floor on this machine, .*: \d+\.\d\dx \(guess pass \d+\.\d ms\)$", text, re.M)
     if not extra:  # fp32: the same weights take the same greedy path (bf16 rounding could part near-ties)
         assert "decode: greedy tokens identical at 100.0% of positions" in text
     if extra:  # the GPU-only lines, on CPU through the flags: MFU per method and the decoding roofline
