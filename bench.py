@@ -5,7 +5,8 @@ same model, same batch, same dtype; warm-up steps are discarded and the median o
 
     python bench.py --init tiny                                    # a tiny random model, seconds
     python bench.py --init checkpoints/SmolLM2-135M-Instruct --batch_size 4 --seq_len 256 --threads 2
-    python bench.py --device cuda --init Qwen/Qwen2-0.5B --batch_size 8 --seq_len 1024 --compile
+    python bench.py --device cuda --init Qwen/Qwen2-1.5B --batch_size 4 --seq_len 1024 --compile
+    python bench.py --device cuda --init Qwen/Qwen2-1.5B --batch_size 1 --seq_len 512     # decoding roofline
 
 The batch is realistic for fine-tuning: the first third of each sequence is prompt (targets -100, skipped
 before the output projection), the rest is answer. A training step is forward + backward + optimizer step
