@@ -5,8 +5,8 @@ same model, same batch, same dtype; warm-up steps are discarded and the median o
 
     python bench.py --init tiny                                    # a tiny random model, seconds
     python bench.py --init checkpoints/SmolLM2-135M-Instruct --batch_size 4 --seq_len 256 --threads 2
-    python bench.py --device cuda --init Qwen/Qwen2-1.5B --batch_size 4 --seq_len 1024 --compile
-    python bench.py --device cuda --init Qwen/Qwen2-1.5B --batch_size 1 --seq_len 512     # decoding roofline
+    python bench.py --device cuda --init llama-3.2-1b --batch_size 4 --seq_len 1024 --compile  # random weights
+    python bench.py --device cuda --init llama-3.2-1b --batch_size 1 --seq_len 512    # decoding roofline
 
 The batch is realistic for fine-tuning: the first third of each sequence is prompt (targets -100, skipped
 before the output projection), the rest is answer. A training step is forward + backward + optimizer step
@@ -38,6 +38,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 QWEN2_VOCAB = 152064  # Qwen2-7B's vocabulary: where the (positions, vocab) logits dominate memory
 TINY = ModelConfig(vocab_size=1024, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
                    max_position_embeddings=4096, model_type="llama")
+# random weights in public models' shapes: speed and memory need no trained weights, and a GPU machine that
+# cannot download still measures MFU at a realistic size (rope scaling left out: it costs nothing)
+SHAPES = {
+    "tiny": TINY,
+    "llama-3.2-1b": ModelConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                                intermediate_size=8192, rope_theta=500000.0, tie_word_embeddings=True,
+                                max_position_embeddings=131072, model_type="llama"),
+    "qwen2-1.5b": ModelConfig(vocab_size=151936, dim=1536, n_layers=28, n_heads=12, n_kv_heads=2,
+                              intermediate_size=8960, rms_norm_eps=1e-6, rope_theta=1000000.0, qkv_bias=True,
+                              tie_word_embeddings=True, model_type="qwen2"),
+}
 MB = 2**20
 
 
@@ -209,7 +220,7 @@ def hf_twin(model: Transformer, device):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--init", default=os.path.join(HERE, "checkpoints", "SmolLM2-135M-Instruct"),
-                    help="checkpoint dir or hub id; 'tiny' for a tiny random model")
+                    help=f"checkpoint dir or hub id, or random weights in one of these shapes: {', '.join(SHAPES)}")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                     help="auto: bf16 autocast over fp32 weights on CUDA, fp32 on CPU (as train.py)")
@@ -243,8 +254,9 @@ def main(argv=None):
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and cuda)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     torch.manual_seed(0)
-    if args.init == "tiny":
-        model = Transformer(TINY).to(device)
+    if args.init in SHAPES:
+        with torch.device(device):
+            model = Transformer(SHAPES[args.init])
     else:
         model = Transformer.from_pretrained(args.init, dtype=torch.float32, device=device)
     model.train()

@@ -59,3 +59,16 @@ def test_make_batch_is_realistic():
     answer = targets != -100
     assert answer[:, :9].sum() == 0 and answer[:, 9:29].all() and not answer[:, 29].any()
     assert torch.equal(targets[:, 9:29], idx[:, 10:30])  # position t predicts token t + 1
+
+
+@pytest.mark.parametrize("name,published", [("llama-3.2-1b", 1_235_814_400), ("qwen2-1.5b", 1_543_714_304)])
+def test_random_shapes_are_the_public_models(name, published):
+    """The shapes bench.py builds with random weights have the parameter count of the real checkpoints, in our
+    model and in transformers' reading of the same config (both built on the meta device: no memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = bench.SHAPES[name]
+    with torch.device("meta"):
+        ours = bench.Transformer(cfg)
+        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg.to_hf()))
+    count = sum(p.numel() for p in ours.parameters())
+    assert count == sum(p.numel() for p in hf.parameters()) == published
