@@ -18,7 +18,6 @@ import os
 import re
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 
@@ -41,7 +40,7 @@ class EvalConfig:
     batch_size: int = 16
     limit: int = 0                            # first N rows of each data set; 0 = all
     out: str = ""                             # JSON file for metrics and per-example predictions
-    device: str = "cpu"                       # on cuda the model runs under bf16 autocast
+    device: str = "cpu"                       # on cuda the weights load in bf16
 
 
 # -----------------------------------------------------------------------------
@@ -207,10 +206,12 @@ def check_checkpoint(path: str):
 
 
 def load_checkpoint(path: str, device: str = "cpu"):
-    """(model, tokenizer) from an HF checkpoint directory, errors naming the directory."""
+    """(model, tokenizer) from an HF checkpoint directory, errors naming the directory. Weights in bf16 on
+    CUDA (as sample.py: decoding under autocast would re-cast float32 weights at every token), float32 on CPU."""
     check_checkpoint(path)
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     try:
-        model = Transformer.from_pretrained(path, device=device)
+        model = Transformer.from_pretrained(path, dtype=dtype, device=device)
         tok = Tokenizer.from_pretrained(path)
     except Exception as e:
         raise RuntimeError(f"cannot load checkpoint {path!r}: {type(e).__name__}: {e}") from e
@@ -236,7 +237,7 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=d.batch_size)
     p.add_argument("--limit", type=int, default=d.limit, help="first N rows of each data set (0: all)")
     p.add_argument("--out", default=d.out, help="write metrics and per-example predictions to this JSON file")
-    p.add_argument("--device", default=d.device, help="cpu or cuda (bf16 autocast)")
+    p.add_argument("--device", default=d.device, help="cpu (float32) or cuda (bf16 weights)")
     cfg = EvalConfig(**vars(p.parse_args(argv)))
 
     # check every path before the first (slow) checkpoint runs
@@ -255,21 +256,18 @@ def main(argv=None):
     if cfg.limit:
         sets = [(name, rows[:cfg.limit]) for name, rows in sets]
 
-    device = torch.device(cfg.device)
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     names = [os.path.basename(os.path.normpath(x)) for x in cfg.init]
     results = []
     for path, name in zip(cfg.init, names):
         if names.count(name) > 1:
             name = path  # two checkpoints with one basename: show the paths
         try:
-            model, tok = load_checkpoint(path, device)
+            model, tok = load_checkpoint(path, cfg.device)
         except (FileNotFoundError, RuntimeError) as e:
             sys.exit(f"eval.py: {e}")
         for data_name, rows in sets:
             print(f"{name}: {data_name} ({len(rows)} rows)")
-            with ctx:
-                res = evaluate(model, tok, rows, cfg.max_new_tokens, cfg.batch_size, progress=True)
+            res = evaluate(model, tok, rows, cfg.max_new_tokens, cfg.batch_size, progress=True)
             results.append(dict(name=name, checkpoint=path, data=data_name, **res))
         del model
     print_table(results)

@@ -267,3 +267,12 @@ def test_clear_errors(tiny_checkpoint, tmp_path):
     bad.write_text('{"question": "q", "answer": "no marker"}\n')
     with pytest.raises(SystemExit, match="bad.jsonl: row 1"):
         ev.main(["--init", tiny_checkpoint, "--gsm8k", str(bad)])
+
+
+def test_checkpoint_loads_in_float32_on_cpu_whatever_it_was_saved_in(tiny_checkpoint, tmp_path):
+    bf16_dir = str(tmp_path / "bf16")
+    model, _ = ev.load_checkpoint(tiny_checkpoint)
+    model.to(torch.bfloat16).save_pretrained(bf16_dir, tokenizer_dir=tiny_checkpoint)
+    again, tok = ev.load_checkpoint(bf16_dir, "cpu")
+    assert {p.dtype for p in again.parameters()} == {torch.float32}
+    assert len(tok.encode("hello")) > 0
