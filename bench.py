@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_leaves
 
 import ift
 from model import ModelConfig, Transformer
+from train import flops_per_token, gpu_row, peak_flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 QWEN2_VOCAB = 152064  # Qwen2-7B's vocabulary: where the (positions, vocab) logits dominate memory
@@ -132,13 +133,8 @@ PEAK_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "GH200": 4.0e12, "H200":
 def device_peaks(device, peak_tflops: float, bandwidth_gbs: float) -> tuple[float | None, float | None]:
     """(dense bf16 FLOP/s, memory bytes/s) of the device: the flags when given, else the GPU's row in
     train.PEAK_BF16_FLOPS / PEAK_BANDWIDTH; None where unknown (CPUs are in no table)."""
-    from train import peak_flops
-    flops = peak_tflops * 1e12 if peak_tflops else peak_flops(device)
-    bw = bandwidth_gbs * 1e9 if bandwidth_gbs else None
-    if bw is None and device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        bw = next((v for k, v in PEAK_BANDWIDTH.items() if k in name), None)
-    return flops, bw
+    bandwidth = bandwidth_gbs * 1e9 if bandwidth_gbs else gpu_row(PEAK_BANDWIDTH, device)
+    return peak_flops(device, peak_tflops), bandwidth
 
 
 def decode_bytes(model: Transformer) -> int:
@@ -320,7 +316,6 @@ def main(argv=None):
     for k, s in secs.items():
         line = f"{k}: step {s * 1e3:.1f} ms, {B * T / s:.0f} tokens/s"
         if peak:  # model FLOPs utilization: the PaLM count (train.flops_per_token) per second over the peak
-            from train import flops_per_token
             line += f", MFU {B * T / s * flops_per_token(model, T, 'ift' if k == 'ift' else 'sft') / peak:.1%}"
         elif cuda:
             line += ", MFU n/a (device not in train.PEAK_BF16_FLOPS; pass --peak_tflops)"
@@ -360,8 +355,9 @@ def main(argv=None):
                   f"{B * n / s:.1f} tokens/s")
         print(f"decode: greedy tokens identical at {agree:.1%} of positions")
         if bandwidth:  # each step reads every weight once, for all B rows: at best B * bandwidth / bytes tokens/s
-            roof = B * bandwidth / decode_bytes(model)
-            print(f"decode roofline: {decode_bytes(model) / 1e9:.3f} GB of weights per step at "
+            weight_bytes = decode_bytes(model)
+            roof = B * bandwidth / weight_bytes
+            print(f"decode roofline: {weight_bytes / 1e9:.3f} GB of weights per step at "
                   f"{bandwidth / 1e9:.0f} GB/s -> {roof:.0f} tokens/s; ours {B * n / dsecs['ours'] / roof:.1%} of it, "
                   f"transformers {B * n / dsecs['transformers'] / roof:.1%}")
         del hf, hf_run

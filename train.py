@@ -146,12 +146,17 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12}
 
 
-def peak_flops(device) -> float | None:
-    """Dense bf16 peak of this GPU from the table above (first matching name); None when unknown or CPU."""
+def gpu_row(table: dict, device):
+    """The value of the first key of table found in this GPU's name; None on a CPU or an unknown GPU."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return next((v for k, v in table.items() if k in name), None)
+
+
+def peak_flops(device, tflops: float = 0.0) -> float | None:
+    """Dense bf16 FLOP/s of one device: tflops when given, else the GPU's row in the table above."""
+    return tflops * 1e12 if tflops else gpu_row(PEAK_BF16_FLOPS, device)
 
 
 def flops_per_token(model: Transformer, seq_len: int, method: str) -> float:
@@ -305,7 +310,7 @@ def main(argv=None):
     step = load_checkpoint(ckpt, raw, optimizer) if cfg.resume else 0
     if cfg.resume:
         print0(f"resumed from {ckpt} at step {step}")
-    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else peak_flops(device)
+    peak = peak_flops(device, cfg.peak_tflops)
     wandb = None
     if cfg.wandb_project and rank == 0:
         import wandb
