@@ -283,7 +283,7 @@ def main(argv=None):
 
     def ift_loss():
         with autocast:
-            return ift.ift_forward(model, idx, targets, args.lam, args.gamma, embed=model.embed_tokens)[0]
+            return ift.ift_forward(model, idx, targets, args.lam, args.gamma)[0]
 
     def guess_pass():  # IFT's extra work alone: the forward without gradient that makes the guesses
         with torch.no_grad(), autocast:

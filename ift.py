@@ -224,12 +224,9 @@ def guess_inputs(idx: torch.Tensor, targets: torch.Tensor, guesses: torch.Tensor
 
 
 def ift_forward(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, lam: float, gamma: float,
-                chunk: int = CHUNK, embed: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+                chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor, int]:
     """IFT loss of model on idx (B, T) with targets (B, T) -> (loss, first-pass SFT loss (detached,
-    for logging), number of sequences dropped for having no answer token).
-    embed: the input embedding table E, for a wrapped model (DDP, FSDP); default model.embed_tokens."""
-    if embed is None:
-        embed = getattr(model, "module", model).embed_tokens
+    for logging), number of sequences dropped for having no answer token)."""
     mask = targets != IGNORE
     # step 1: inference one step ahead (Alg. 1 lines 2-6), no graph, only argmax ids are kept
     guesses, first_nll = infer_one_step_ahead(model, idx, targets, chunk)
@@ -239,8 +236,11 @@ def ift_forward(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, lam:
     # reading of Alg. 1: same loss value, and gradient reaches both embedded rows. With lam = 0,
     # (1 - 0) * E(x) + 0 * E(xh) is E(x) exactly, the same input as sft_forward's.
     xh = guess_inputs(idx, targets, guesses)  # (B, T)
-    e = (1 - lam) * embed(idx) + lam * embed(xh)  # (B, T, dim)
-    nll = model(embeds=e, head=partial(chunked_nll, targets=targets, chunk=chunk))  # (B, T), with grad
+
+    def blend(E):  # (B, T, dim); the model applies it to its own table inside forward (gathered under FSDP)
+        return (1 - lam) * E(idx) + lam * E(xh)
+
+    nll = model(embed=blend, head=partial(chunked_nll, targets=targets, chunk=chunk))  # (B, T), with grad
     # step 3: dynamic relation propagation (Sec. 4.2, Alg. 1 lines 14-18), then the mean over sequences
     return ift_reduce(nll, mask, gamma), sft_reduce(first_nll, mask), n_empty(targets)
 

@@ -12,13 +12,12 @@ transformers to 1e-4 in float32):
 - SwiGLU MLP, optional q/k/v bias (Qwen2), optional tied input/output embeddings.
 
 One forward serves training and decoding: `cache` is None in training and a KVCache when decoding.
-`forward` also takes input vectors instead of token ids (IFT feeds blended embeddings) and an
-optional `head` function applied to the final hidden states instead of the output projection
-(ift.py uses it to skip ignored positions and to chunk the vocabulary projection).
+`forward` also takes an `embed` function that builds the input vectors from the embedding table (IFT
+blends two lookups) and a `head` function applied to the final hidden states instead of the output
+projection (ift.py uses it to skip ignored positions and to chunk the vocabulary projection).
+Reading and writing Hugging Face checkpoints (config.json rules, safetensors) lives in hf_checkpoint.py.
 """
-import json
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -26,18 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-ARCHITECTURES = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-# config.json keys that do not change the forward math; any key outside these and the ones read
-# by ModelConfig.from_hf is an error, so that an unknown feature never loads as a silently wrong model
-HARMLESS_KEYS = {
-    "architectures", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "torch_dtype", "dtype",
-    "transformers_version", "use_cache", "initializer_range", "attention_dropout", "pretraining_tp",
-    "_name_or_path", "is_llama_config", "id2label", "label2id", "output_hidden_states", "output_attentions",
-    "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "problem_type", "tokenizer_class",
-    "max_window_layers", "unsloth_fixed", "tf_legacy_loss", "use_bfloat16", "keys_to_ignore_at_inference",
-}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "tekken.json", "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt")
+import hf_checkpoint
+from hf_checkpoint import resolve_checkpoint  # noqa: F401  (scripts import it from here)
 
 
 @dataclass
@@ -58,78 +47,19 @@ class ModelConfig:
     qkv_bias: bool = False            # Qwen2
     tie_word_embeddings: bool = False
     model_type: str = "mistral"
-    extra: dict = field(default_factory=dict)  # harmless config.json keys (token ids, ...), kept for saving
+    extra: dict = field(default_factory=dict)  # config.json keys the math does not read, kept for saving
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.dim // self.n_heads
         assert self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "ModelConfig":
-        """Read a transformers config.json dict; refuse anything that would change the math unnoticed."""
-        hf = dict(hf)
-        mt = hf.pop("model_type", None)
-        if mt not in ARCHITECTURES:
-            raise ValueError(f"model_type {mt!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
-        rope = hf.pop("rope_parameters", None) or hf.pop("rope_scaling", None) or {}  # transformers 5 / 4 names
-        hf.pop("rope_scaling", None)
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise ValueError(f"rope scaling type {rope_type!r} is not supported (only default and llama3)")
-        theta = hf.pop("rope_theta", rope.get("rope_theta", 10000.0))
-        checks = {"hidden_act": "silu", "mlp_bias": False, "rope_interleaved": False, "partial_rotary_factor": 1.0,
-                  "quantization_config": None}
-        if mt == "llama":
-            checks["attention_bias"] = False  # llama's attention_bias also adds an o_proj bias: not implemented
-        for key, ok in checks.items():
-            if hf.get(key, ok) != ok:
-                raise ValueError(f"config.json key {key}={hf[key]!r} is not supported (only {ok!r})")
-            hf.pop(key, None)
-        window, window_layers = hf.pop("sliding_window", None), None
-        layer_types = hf.pop("layer_types", None)
-        if mt == "qwen2":  # qwen2 applies the window only when asked, and only on some layers
-            if not hf.pop("use_sliding_window", False):
-                window = None
-            elif layer_types is None:
-                raise ValueError("qwen2 use_sliding_window without layer_types is not supported")
-        if window is not None and layer_types is not None:
-            window_layers = [t == "sliding_attention" for t in layer_types]
-        hf.pop("attention_bias", None)
-        cfg = cls(
-            vocab_size=hf.pop("vocab_size"), dim=hf.pop("hidden_size"), n_layers=hf.pop("num_hidden_layers"),
-            n_heads=hf.pop("num_attention_heads"), n_kv_heads=hf.pop("num_key_value_heads", None) or 0,
-            head_dim=hf.pop("head_dim", None) or 0, intermediate_size=hf.pop("intermediate_size"),
-            rms_norm_eps=hf.pop("rms_norm_eps", 1e-6), rope_theta=float(theta),
-            rope_scaling=dict(rope, rope_type="llama3") if rope_type == "llama3" else None,
-            max_position_embeddings=hf.pop("max_position_embeddings", 32768), sliding_window=window,
-            window_layers=window_layers, qkv_bias=mt == "qwen2",
-            tie_word_embeddings=hf.pop("tie_word_embeddings", False), model_type=mt)
-        if cfg.rope_scaling:
-            cfg.rope_scaling.pop("rope_theta", None)
-        unknown = sorted(k for k in hf if k not in HARMLESS_KEYS)
-        if unknown:
-            raise ValueError(f"config.json keys {unknown} are not understood by model.py; if they do not change "
-                             "the math, add them to HARMLESS_KEYS in model.py")
-        cfg.extra = {k: v for k, v in hf.items() if k.endswith("token_id")}
-        return cfg
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+        """Read a transformers config.json dict by the rules of hf_checkpoint.py (inert, math, unknown keys)."""
+        return cls(**hf_checkpoint.config_kwargs(hf, source))
 
     def to_hf(self) -> dict:
-        """The config.json that transformers (and so vLLM, lm-evaluation-harness) reads."""
-        hf = dict(self.extra, architectures=[ARCHITECTURES[self.model_type]], model_type=self.model_type,
-                  vocab_size=self.vocab_size, hidden_size=self.dim, num_hidden_layers=self.n_layers,
-                  num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads, head_dim=self.head_dim,
-                  intermediate_size=self.intermediate_size, hidden_act="silu", rms_norm_eps=self.rms_norm_eps,
-                  rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
-                  max_position_embeddings=self.max_position_embeddings,
-                  sliding_window=self.sliding_window, tie_word_embeddings=self.tie_word_embeddings)
-        if self.model_type == "qwen2":
-            hf["use_sliding_window"] = self.sliding_window is not None
-            if self.window_layers is not None:
-                hf["layer_types"] = ["sliding_attention" if w else "full_attention" for w in self.window_layers]
-        elif self.model_type == "llama":
-            hf.update(attention_bias=False, mlp_bias=False)
-            hf.pop("sliding_window")
-        return hf
+        return hf_checkpoint.config_to_hf(self)
 
 
 class RMSNorm(nn.Module):
@@ -267,11 +197,12 @@ class Transformer(nn.Module):
             m = (m & (k >= pad[:, None, None, None])) | (k == q)
         return m
 
-    def forward(self, idx=None, *, embeds=None, head=None, cache=None, pos: int = 0, pad=None):
-        """idx (B, T) token ids, or embeds (B, T, dim) input vectors -> logits (B, T, vocab).
-        head(h, lm_head) replaces the output projection when given; cache/pos are for decoding;
+    def forward(self, idx=None, *, embed=None, head=None, cache=None, pos: int = 0, pad=None):
+        """idx (B, T) token ids -> logits (B, T, vocab). embed(embed_tokens) -> (B, T, dim) replaces the input
+        lookup and head(h, lm_head) the output projection when given (IFT's blend and loss heads; both run
+        inside forward, where FSDP has gathered the tables); cache/pos are for decoding;
         pad (B,) counts left-padding positions per row (batched prompts of different lengths)."""
-        x = self.embed_tokens(idx) if embeds is None else embeds
+        x = self.embed_tokens(idx) if embed is None else embed(self.embed_tokens)
         B, T, _ = x.shape
         freqs = torch.arange(pos, pos + T, device=x.device, dtype=torch.float32)[:, None] * self.inv_freq[None]
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
@@ -344,87 +275,44 @@ class Transformer(nn.Module):
     # Hugging Face checkpoints
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype=None, device=None) -> "Transformer":
+    def from_pretrained(cls, path: str, dtype=None, device=None, shard=None) -> "Transformer":
         """A local directory with config.json + model.safetensors (or sharded with an index), or a hub id.
-        The model is built on the meta device and filled tensor by tensor: one copy of the weights in memory."""
-        from safetensors import safe_open
+        Built on the meta device, then filled tensor by tensor: one copy of the weights in memory. dtype: the
+        checkpoint's own when None. shard(model), when given, runs on the meta model first (FSDP's fully_shard),
+        and each rank then reads only the rows of each tensor it keeps."""
         path = resolve_checkpoint(path)
-        with open(os.path.join(path, "config.json")) as f:
-            cfg = ModelConfig.from_hf(json.load(f))
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        elif os.path.exists(os.path.join(path, "model.safetensors")):
-            files = ["model.safetensors"]
-        else:
-            raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json")
+        cfg = ModelConfig.from_hf(hf_checkpoint.read_config(path), source=f"{path}/config.json")
+        files = hf_checkpoint.weight_files(path)
         with torch.device("meta"):
-            model = cls(cfg)
-        expected = {hf_name(k) for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-        sd = {}
-        for name in files:
-            with safe_open(os.path.join(path, name), framework="pt", device=str(device or "cpu")) as f:
-                for key in f.keys():
-                    if key not in expected:
-                        if key == "lm_head.weight" or key.endswith("rotary_emb.inv_freq"):
-                            continue  # tied checkpoints sometimes store the head anyway
-                        raise KeyError(f"{name}: unexpected tensor {key!r} (not part of a {cfg.model_type} model)")
-                    t = f.get_tensor(key)
-                    sd[key[len("model."):] if key.startswith("model.") else key] = t.to(dtype or t.dtype)
-        missing = expected - {hf_name(k) for k in sd}
-        if missing:
-            raise KeyError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
-        if cfg.tie_word_embeddings:
-            sd["lm_head.weight"] = sd["embed_tokens.weight"]
-        model.load_state_dict(sd, strict=True, assign=True)
-        if cfg.tie_word_embeddings:  # assign=True replaced both parameters: tie them again
+            model = cls(cfg).to(dtype or hf_checkpoint.stored_dtype(files))
+        if shard is not None:
+            shard(model)
+        model.to_empty(device=device or "cpu")
+        if cfg.tie_word_embeddings:  # to_empty makes new Parameters of plain tensors: one table again
             model.lm_head.weight = model.embed_tokens.weight
-        model.inv_freq = rope_frequencies(cfg, device=device)
+        hf_checkpoint.load_weights(model, path, files)
+        model.inv_freq = rope_frequencies(cfg, device=device)  # buffers come out of to_empty uninitialized
         model.name_or_path = path
         return model.eval()
 
     def save_pretrained(self, out_dir: str, max_shard_bytes: int = 4 * 1024**3, tokenizer_dir: str | None = None,
                         state_dict: dict | None = None):
-        """Write config.json + safetensors with HF tensor names (sharded above max_shard_bytes), and copy the
-        tokenizer files of tokenizer_dir (default: where the weights came from). state_dict: a full state
-        dict gathered elsewhere (FSDP), else this module's own."""
-        import shutil
-        from safetensors.torch import save_file
-        os.makedirs(out_dir, exist_ok=True)
-        sd = {hf_name(k): v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()
-              if not (self.config.tie_word_embeddings and k == "lm_head.weight")}
-        shards, size = [{}], 0
-        for k, v in sd.items():
-            nbytes = v.numel() * v.element_size()
-            if size + nbytes > max_shard_bytes and shards[-1]:
-                shards.append({})
-                size = 0
-            shards[-1][k] = v
-            size += nbytes
-        dtype = str(next(iter(sd.values())).dtype).removeprefix("torch.")
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(v.numel() * v.element_size() for v in sd.values())
-            with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(dict(self.config.to_hf(), torch_dtype=dtype), f, indent=2)
-        src = tokenizer_dir or self.name_or_path
-        for name in TOKENIZER_FILES if src else ():
-            if os.path.exists(os.path.join(src, name)) and os.path.abspath(src) != os.path.abspath(out_dir):
-                shutil.copy(os.path.join(src, name), os.path.join(out_dir, name))
+        """config.json + safetensors with HF tensor names and the tokenizer files of tokenizer_dir (default:
+        where the weights came from). state_dict: a full state dict gathered elsewhere (FSDP), else this
+        module's own."""
+        hf_checkpoint.save(self.config, state_dict or self.state_dict(), out_dir, max_shard_bytes,
+                           tokenizer_dir or self.name_or_path)
 
 
-def hf_name(key: str) -> str:
-    # our module tree mirrors HF's below the "model." prefix, so the key map is one rule
-    return key if key.startswith("lm_head") else "model." + key
+def pick_device(name: str = "auto") -> torch.device:
+    """The --device rule of every script: "auto" is cuda when there is one, else cpu."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def decoding_dtype(device) -> torch.dtype:
+    """Weights for decoding: bf16 on CUDA (autocast over float32 weights would re-cast them at every token),
+    float32 on CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def _last_position(h, lm_head):
@@ -445,17 +333,3 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A local directory as-is; otherwise a hub id, downloaded (or found in the cache) with huggingface_hub."""
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
-        raise FileNotFoundError(f"{path!r} is not a checkpoint directory (nor a hub id like 'org/name')")
-    from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"])
-    except Exception as e:
-        raise FileNotFoundError(f"could not download {path!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
-                                "when offline, pass a local checkpoint directory") from e

@@ -27,7 +27,8 @@ from tqdm import tqdm
 import ift
 from convert_gguf import DEFAULT_OUT, ensure_default
 from data import DataError, batch_indices, collate, tokenize_sources
-from model import Transformer, resolve_checkpoint
+from hf_checkpoint import own_rows, read_config
+from model import ModelConfig, Transformer, pick_device, resolve_checkpoint
 from presets import PRESETS
 from tokenizer import Tokenizer
 
@@ -113,24 +114,46 @@ def parse_args(argv=None) -> TrainConfig:
 # distributed helpers
 
 
-def init_distributed(device: str):
-    """(rank, world, device) from torchrun's environment; a single process without it."""
+def init_distributed(device: str, fsdp: bool = False):
+    """(rank, world, device) from torchrun's environment; a single process without it. FSDP needs a process
+    group even alone: a single process gets a world of one (an in-memory store, no ports)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-    else:
-        dev = torch.device("cpu")
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
     if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group(backend)
+    elif fsdp and not dist.is_initialized():
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return rank, world, dev
 
 
 def print0(*args, **kw):
     if int(os.environ.get("RANK", 0)) == 0:
         tqdm.write(" ".join(str(a) for a in args), **kw)
+
+
+def shard_fsdp(model: Transformer, bf16: bool):
+    """FSDP2: one unit per block, and the root unit with the embedding table, the final norm and the output
+    layer (tied or not: one unit holds both). IFT's blend and the loss heads run inside forward, where the
+    root unit's parameters are gathered."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32, reduce_dtype=torch.float32)
+    for layer in model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def peak_rss_gb(world: int) -> list[float]:
+    """Peak resident host memory of every rank so far, in GB (Linux reports ru_maxrss in KB)."""
+    import resource
+    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    every = [mine] * world
+    if world > 1:
+        dist.all_gather_object(every, mine)
+    return every
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -215,11 +238,22 @@ def save_checkpoint(cfg, model, raw, optimizer, step, rank, tokenizer_dir, final
 
 
 def load_checkpoint(path, model, optimizer):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    state = torch.load(os.path.join(path, "resume.pt"), map_location="cpu", weights_only=True)
-    msd = Transformer.from_pretrained(path).state_dict()
-    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(full_state_dict=True))
+    """Optimizer state, step and RNG of a checkpoint (its weights were loaded with the model). resume.pt holds
+    the full optimizer state; it is memory-mapped, and each rank copies only the rows it keeps (all of them
+    without FSDP), so no rank ever holds the whole state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
+    state = torch.load(os.path.join(path, "resume.pt"), map_location="cpu", weights_only=True, mmap=True)
+    params = dict(model.named_parameters())
+    for name, moments in state["optimizer"]["state"].items():
+        p = params[name]
+        for k, v in moments.items():
+            if v.dim() == 0:  # "step" counters
+                continue
+            mine = v[own_rows(p)].to(p.device, copy=True)
+            moments[k] = (DTensor.from_local(mine, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                          if isinstance(p, DTensor) else mine)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=False))
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(state["rng"]["cuda"]))
@@ -257,7 +291,7 @@ def sample(raw, tok, example, device, autocast, max_new_tokens=64) -> str:
 
 def main(argv=None):
     cfg = parse_args(argv)
-    rank, world, device = init_distributed(cfg.device)
+    rank, world, device = init_distributed(cfg.device, cfg.fsdp)
     torch.manual_seed(cfg.seed + rank)
     # ---- data first: every problem with it stops here, before any model or GPU time, and out_dir stays clean
     ckpt = find_checkpoint(cfg.out_dir)
@@ -267,6 +301,7 @@ def main(argv=None):
         sys.exit(f"--resume: no checkpoint in {cfg.out_dir}")
     try:
         init_dir = resolve_checkpoint(ensure_default(cfg.init))
+        ModelConfig.from_hf(read_config(init_dir), source=os.path.join(init_dir, "config.json"))  # refusals first
         tok = Tokenizer.from_pretrained(init_dir)
         learn = "all" if cfg.learn_all_turns else "last"
         train = tokenize_sources(cfg.data, init_dir, cfg.max_length, learn, cfg.seed, cfg.num_proc, print0)
@@ -283,26 +318,28 @@ def main(argv=None):
     total = cfg.max_steps or max(1, int(cfg.epochs * len(train) / per_step))
     print0(f"data: {len(train)} train / {len(held)} eval examples; {per_step} examples per step, {total} steps")
 
-    # ---- model: fp32 master weights; bf16 autocast on CUDA
-    raw = Transformer.from_pretrained(init_dir, dtype=torch.float32, device=None if cfg.fsdp else device)
-    raw.grad_checkpointing = cfg.grad_checkpointing
-    raw.train()
+    # ---- model: fp32 master weights; bf16 autocast on CUDA. Built on the meta device and (with --fsdp) sharded
+    # before any weight is read, so each rank reads only its rows of each tensor; a resumed run reads the
+    # checkpoint's own weights
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not cfg.fsdp else nullcontext()
-    if cfg.compile:
-        raw.compile_blocks()
+
+    def prepare(meta_model):
+        if cfg.compile:
+            meta_model.compile_blocks()
+        if cfg.fsdp:
+            shard_fsdp(meta_model, bf16)
+
+    try:
+        raw = Transformer.from_pretrained(ckpt if cfg.resume else init_dir, torch.float32, device, shard=prepare)
+    except (KeyError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print0(f"model: {sum(p.numel() for p in raw.parameters()) / 1e6:.0f}M parameters; peak host memory while "
+           f"loading, per rank: {', '.join(f'{gb:.2f}' for gb in peak_rss_gb(world))} GB")
+    raw.grad_checkpointing = cfg.grad_checkpointing
+    raw.train()
     model = raw
-    if cfg.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        if raw.config.tie_word_embeddings:
-            sys.exit("--fsdp needs untied input/output embeddings (IFT embeds outside forward); use DDP here")
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32, reduce_dtype=torch.float32)
-        for layer in raw.layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(raw.embed_tokens, mp_policy=mp)  # its own unit: IFT blends embeddings outside forward
-        fully_shard(raw, mp_policy=mp)
-        raw.to(device)
-    elif world > 1:
+    if world > 1 and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
     opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
@@ -338,7 +375,7 @@ def main(argv=None):
                 model.require_backward_grad_sync = last
             with autocast:
                 if cfg.method == "ift":
-                    loss, first, _ = ift.ift_forward(model, x, y, lam, cfg.gamma, embed=raw.embed_tokens)
+                    loss, first, _ = ift.ift_forward(model, x, y, lam, cfg.gamma)
                 else:
                     loss = first = ift.sft_forward(model, x, y)
             (loss / cfg.grad_accum).backward()

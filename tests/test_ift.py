@@ -324,7 +324,7 @@ def ift_step_grads(model, idx, targets, autocast=None):
     """IFT loss and the gradient of every parameter, flattened into one vector."""
     model.zero_grad(set_to_none=True)
     with autocast or torch.autocast("cpu", enabled=False):
-        loss = ift.ift_forward(model, idx, targets, 0.2, 0.95, embed=model.embed_tokens)[0]
+        loss = ift.ift_forward(model, idx, targets, 0.2, 0.95)[0]
     loss.backward()
     return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
 

@@ -182,7 +182,7 @@ def test_flops_per_token_counts_what_flop_counter_sees(method):
         if method == "sft":
             loss = ift.sft_loss(model(idx), targets)
         else:
-            loss = ift.ift_forward(model, idx, targets, 0.2, 0.95, embed=model.embed_tokens)[0]
+            loss = ift.ift_forward(model, idx, targets, 0.2, 0.95)[0]
         loss.backward()
     passes = {"sft": 3, "ift": 4}[method]  # forward = 1, backward = 2
     attention = passes * 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * T * B * T
