@@ -225,10 +225,24 @@ def local(p: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def load_weights(model, path: str, files: dict):
-    """Fill the (already allocated) parameters of model from the checkpoint at path, tensor by tensor and in
-    place: one copy of the weights in memory, and under FSDP only this rank's rows of each tensor are read."""
+def read_into(targets: dict, files: dict, hint: str = ""):
+    """Copy each named tensor of a safetensors file into targets[name], in place. A DTensor (FSDP) gets only the
+    rows this rank keeps, and only those rows are read. The file is opened per tensor, so the pages read for one
+    tensor are unmapped before the next: no more than one tensor's rows are mapped at a time."""
     from safetensors import safe_open
+    for name, t in targets.items():
+        with safe_open(files[name], framework="pt") as f:
+            stored = f.get_slice(name)
+            if tuple(stored.get_shape()) != tuple(t.shape):
+                raise ValueError(f"{files[name]}: {name} has shape {tuple(stored.get_shape())}, expected "
+                                 f"{tuple(t.shape)}{hint}")
+            rows = own_rows(t)
+            local(t).copy_(f.get_tensor(name) if rows == slice(None) else stored[rows])
+
+
+def load_weights(model, path: str, files: dict):
+    """Fill the (already allocated) parameters of model from the checkpoint at path: one copy of the weights in
+    memory, and under FSDP only this rank's rows of each tensor are read."""
     cfg = model.config
     params = {hf_name(k): p for k, p in model.state_dict(keep_vars=True).items()
               if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
@@ -238,19 +252,8 @@ def load_weights(model, path: str, files: dict):
     missing = sorted(set(params) - set(files))
     if missing:
         raise KeyError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    by_file = {}
-    for name in params:
-        by_file.setdefault(files[name], []).append(name)
-    for file, names in by_file.items():
-        with safe_open(file, framework="pt") as f:
-            for name in names:
-                p, stored = params[name], f.get_slice(name)
-                if tuple(stored.get_shape()) != tuple(p.shape):
-                    raise ValueError(f"{file}: {name} has shape {tuple(stored.get_shape())} but config.json implies "
-                                     f"{tuple(p.shape)} (check hidden_size, head_dim, num_key_value_heads, "
-                                     "intermediate_size, vocab_size)")
-                rows = own_rows(p)
-                local(p).copy_(stored[rows] if rows != slice(None) else f.get_tensor(name))
+    read_into(params, files, " by config.json (check hidden_size, head_dim, num_key_value_heads, "
+                             "intermediate_size, vocab_size)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import ift
 from convert_gguf import DEFAULT_OUT, ensure_default
 from data import DataError, batch_indices, collate, tokenize_sources
-from hf_checkpoint import own_rows, read_config
+from hf_checkpoint import read_config, read_into
 from model import ModelConfig, Transformer, pick_device, resolve_checkpoint
 from presets import PRESETS
 from tokenizer import Tokenizer
@@ -205,6 +205,7 @@ def find_checkpoint(out_dir: str) -> str | None:
 
 
 def save_checkpoint(cfg, model, raw, optimizer, step, rank, tokenizer_dir, final=False):
+    from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     # full (unsharded) state on CPU; every rank takes part (FSDP gathers), rank 0 writes
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -214,11 +215,14 @@ def save_checkpoint(cfg, model, raw, optimizer, step, rank, tokenizer_dir, final
         tmp, dst = os.path.join(cfg.out_dir, "checkpoint.tmp"), os.path.join(cfg.out_dir, "checkpoint")
         shutil.rmtree(tmp, ignore_errors=True)
         raw.save_pretrained(tmp, state_dict=msd, tokenizer_dir=tokenizer_dir)
+        # the optimizer's moments as safetensors (a resumed rank reads only its rows of them), named
+        # "<parameter>.<moment>"; step and RNG in resume.pt, loadable with torch.load(weights_only=True)
+        save_file({f"{fqn}.{k}": v.contiguous() for fqn, moments in osd["state"].items() for k, v in moments.items()},
+                  os.path.join(tmp, "optimizer.safetensors"))
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.stack([s for s in torch.cuda.get_rng_state_all()])
-        # tensors, numbers and strings only: loads with torch.load(weights_only=True)
-        torch.save({"optimizer": osd, "step": step, "rng": rng}, os.path.join(tmp, "resume.pt"))
+        torch.save({"step": step, "rng": rng}, os.path.join(tmp, "resume.pt"))
         with open(os.path.join(tmp, "train_config.json"), "w") as f:
             json.dump(dict(asdict(cfg), step=step), f, indent=2)
         if os.path.exists(dst):
@@ -227,7 +231,7 @@ def save_checkpoint(cfg, model, raw, optimizer, step, rank, tokenizer_dir, final
         shutil.rmtree(dst + ".old", ignore_errors=True)
         if final:  # publish the weights as out_dir itself: hard links, each swapped in atomically
             for name in os.listdir(dst):
-                if name != "resume.pt":
+                if name not in ("resume.pt", "optimizer.safetensors"):
                     link = os.path.join(cfg.out_dir, name + ".tmp")
                     if os.path.exists(link):
                         os.remove(link)
@@ -237,23 +241,30 @@ def save_checkpoint(cfg, model, raw, optimizer, step, rank, tokenizer_dir, final
         dist.barrier()
 
 
-def load_checkpoint(path, model, optimizer):
-    """Optimizer state, step and RNG of a checkpoint (its weights were loaded with the model). resume.pt holds
-    the full optimizer state; it is memory-mapped, and each rank copies only the rows it keeps (all of them
-    without FSDP), so no rank ever holds the whole state."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    from torch.distributed.tensor import DTensor
-    state = torch.load(os.path.join(path, "resume.pt"), map_location="cpu", weights_only=True, mmap=True)
+def load_checkpoint(path, model, optimizer, cfg):
+    """Optimizer state, step and RNG of a checkpoint (its weights were loaded with the model). Each moment is
+    allocated like its parameter (sharded under FSDP) and filled from optimizer.safetensors with only the rows
+    this rank keeps: no rank ever holds the whole state, and no zero-initialized copy is made first."""
+    from safetensors import safe_open
+    with open(os.path.join(path, "train_config.json")) as f:
+        saved = json.load(f)["optimizer"]
+    if saved != cfg.optimizer:
+        sys.exit(f"error: {path} was trained with --optimizer {saved}; resume with the same optimizer")
+    file = os.path.join(path, "optimizer.safetensors")
     params = dict(model.named_parameters())
-    for name, moments in state["optimizer"]["state"].items():
-        p = params[name]
-        for k, v in moments.items():
-            if v.dim() == 0:  # "step" counters
-                continue
-            mine = v[own_rows(p)].to(p.device, copy=True)
-            moments[k] = (DTensor.from_local(mine, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
-                          if isinstance(p, DTensor) else mine)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=False))
+    with safe_open(file, framework="pt") as f:  # names "<parameter>.<moment>"; 0-dim ones are step counters
+        moments = {name: torch.empty_like(params[name.rsplit(".", 1)[0]]) if f.get_slice(name).get_shape()
+                   else f.get_tensor(name) for name in f.keys()}
+    read_into(moments, dict.fromkeys(moments, file))
+    index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    osd = optimizer.state_dict()  # param_groups with this run's hyperparameters; state filled in below
+    for name, t in moments.items():
+        fqn, moment = name.rsplit(".", 1)
+        osd["state"].setdefault(index[id(params[fqn])], {})[moment] = t
+    if len(osd["state"]) != len(index):
+        sys.exit(f"error: {file} lacks the state of {len(index) - len(osd['state'])} parameters")
+    optimizer.load_state_dict(osd)
+    state = torch.load(os.path.join(path, "resume.pt"), map_location="cpu", weights_only=True)
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(state["rng"]["cuda"]))
@@ -334,8 +345,6 @@ def main(argv=None):
         raw = Transformer.from_pretrained(ckpt if cfg.resume else init_dir, torch.float32, device, shard=prepare)
     except (KeyError, ValueError) as e:
         sys.exit(f"error: {e}")
-    print0(f"model: {sum(p.numel() for p in raw.parameters()) / 1e6:.0f}M parameters; peak host memory while "
-           f"loading, per rank: {', '.join(f'{gb:.2f}' for gb in peak_rss_gb(world))} GB")
     raw.grad_checkpointing = cfg.grad_checkpointing
     raw.train()
     model = raw
@@ -344,7 +353,9 @@ def main(argv=None):
         model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
     opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
     optimizer = opt_cls(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = load_checkpoint(ckpt, raw, optimizer) if cfg.resume else 0
+    step = load_checkpoint(ckpt, raw, optimizer, cfg) if cfg.resume else 0
+    print0(f"model: {sum(p.numel() for p in raw.parameters()) / 1e6:.0f}M parameters; peak host memory while "
+           f"loading, per rank: {', '.join(f'{gb:.2f}' for gb in peak_rss_gb(world))} GB")
     if cfg.resume:
         print0(f"resumed from {ckpt} at step {step}")
     peak = peak_flops(device, cfg.peak_tflops)

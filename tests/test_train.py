@@ -43,6 +43,17 @@ def tiny_dir(tmp_path_factory, smollm2_dir):
 
 
 @pytest.fixture(scope="module")
+def tiny_tied_dir(tmp_path_factory, smollm2_dir):
+    """The same tiny llama with tied input/output embeddings (SmolLM2, Llama-3.2-1B, Qwen2-0.5B are tied)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=49152, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64,
+                      model_type="llama", rms_norm_eps=1e-5, tie_word_embeddings=True)
+    out = str(tmp_path_factory.mktemp("tiny_tied"))
+    Transformer(cfg).save_pretrained(out, tokenizer_dir=smollm2_dir)
+    return out
+
+
+@pytest.fixture(scope="module")
 def rows_file(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     return write_jsonl(d / "train.jsonl", chat_rows(32)), write_jsonl(d / "eval.jsonl", chat_rows(8, seed=1))
@@ -114,14 +125,49 @@ def torchrun(nproc, argv, tmp_path):
     return r
 
 
-@pytest.mark.parametrize("mode", ["ddp", "ddp_checkpointing", "fsdp"])
-def test_two_processes_equal_one_with_twice_the_accumulation(mode, tiny_dir, rows_file, tmp_path):
-    extra = {"ddp": [], "ddp_checkpointing": ["--grad_checkpointing"], "fsdp": ["--fsdp"]}[mode]
-    base = args(tiny_dir, rows_file, tmp_path / "one", "--method", "ift", "--grad_accum", "2")
+@pytest.mark.parametrize("mode", ["ddp", "ddp_checkpointing", "fsdp", "fsdp_tied"])
+def test_two_processes_equal_one_with_twice_the_accumulation(mode, tiny_dir, tiny_tied_dir, rows_file, tmp_path):
+    init = tiny_tied_dir if mode == "fsdp_tied" else tiny_dir
+    extra = {"ddp": [], "ddp_checkpointing": ["--grad_checkpointing"], "fsdp": ["--fsdp"], "fsdp_tied": ["--fsdp"]}
+    base = args(init, rows_file, tmp_path / "one", "--method", "ift", "--grad_accum", "2")
     train.main(base)
-    two = args(tiny_dir, rows_file, tmp_path / "two", "--method", "ift", "--grad_accum", "1", *extra)
+    two = args(init, rows_file, tmp_path / "two", "--method", "ift", "--grad_accum", "1", *extra[mode])
     torchrun(2, two, tmp_path)
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert set(a) == set(b) and not torch.equal(a["model.embed_tokens.weight"], weights(init)["model.embed_tokens.weight"])
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    if mode == "fsdp_tied":  # saved once, and it reloads as one table in both readers
+        from transformers import AutoModelForCausalLM
+        assert "lm_head.weight" not in b
+        ours = Transformer.from_pretrained(str(tmp_path / "two"))
+        assert ours.lm_head.weight is ours.embed_tokens.weight
+        ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / "two"), dtype=torch.float32)
+        assert ref.lm_head.weight.data_ptr() == ref.model.embed_tokens.weight.data_ptr()
+
+
+def test_fsdp_resume_under_torchrun_continues_exactly(tiny_tied_dir, rows_file, tmp_path):
+    """Two FSDP ranks stop after step 2, then resume (weights and optimizer rows read per rank): the same
+    weights, bit for bit, as the uninterrupted two-rank run."""
+    full = args(tiny_tied_dir, rows_file, tmp_path / "full", "--fsdp", "--grad_accum", "1", "--max_steps", "4")
+    torchrun(2, full, tmp_path)
+    cut = args(tiny_tied_dir, rows_file, tmp_path / "cut", "--fsdp", "--grad_accum", "1", "--max_steps", "4")
+    torchrun(2, cut + ["--stop_at", "2"], tmp_path)
+    assert {"optimizer.safetensors", "resume.pt"} <= set(os.listdir(tmp_path / "cut" / "checkpoint"))
+    r = torchrun(2, cut + ["--resume"], tmp_path)
+    assert "resumed from" in r.stdout + r.stderr
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed FSDP run differs from the uninterrupted one"
+
+
+def test_fsdp_without_torchrun_is_a_world_of_one(tiny_dir, rows_file, tmp_path):
+    """`python train.py --fsdp` runs as a single-process FSDP job, and ends where the plain run ends."""
+    train.main(args(tiny_dir, rows_file, tmp_path / "plain", "--method", "ift"))
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args(tiny_dir, rows_file, tmp_path / "fsdp", "--fsdp")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "fsdp")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
 
@@ -134,6 +180,20 @@ BAD = {
              "unknown role 'wizard'"),
     "empty": ("\n", "the dataset is empty"),
 }
+
+
+@pytest.mark.parametrize("key,value", [("hidden_act", "gelu"), ("rope_scaling", {"rope_type": "yarn", "factor": 4.0})])
+def test_refused_config_stops_in_one_line_before_training(key, value, tiny_dir, rows_file, tmp_path):
+    import shutil
+    init = tmp_path / "init"
+    shutil.copytree(tiny_dir, init)
+    hf = json.loads((init / "config.json").read_text())
+    (init / "config.json").write_text(json.dumps(dict(hf, **{key: value})))
+    with pytest.raises(SystemExit) as e:
+        train.main(args(str(init), rows_file, tmp_path / "out"))
+    message = str(e.value)
+    assert message.startswith(f"error: {init}/config.json: {key}") and "\n" not in message, message
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("case", list(BAD) + ["hub_offline", "no_file"])
