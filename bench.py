@@ -20,6 +20,7 @@ allocated before the step (weights, optimizer state), so the part the method its
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 import weakref
@@ -32,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import ift
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, pick_device
 from train import flops_per_token, gpu_row, peak_flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -245,8 +246,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    cuda = device.type == "cuda"
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and cuda)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     torch.manual_seed(0)

@@ -37,7 +37,7 @@ def run_stage(method, seed, steps, stop, out_dir, extra):
 
 
 def score(path, rows, args):
-    model, tok = evaluation.load_checkpoint(path)
+    model, tok = evaluation.load_checkpoint(path, args.device)
     res = evaluation.evaluate(model, tok, rows, args.max_new_tokens, args.batch_size, progress=True)
     return {"exact_match": res["exact_match"], "loss": res["loss"], "by_group": res["by_group"]}
 
@@ -46,7 +46,8 @@ def mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """(this script's arguments, the rest: passed on to train.py, e.g. --lam, --gamma, --lr)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--init", default=os.path.join(HERE, "checkpoints", "SmolLM2-135M-Instruct"))
     ap.add_argument("--data", default=os.path.join(HERE, "data", "chain_test.jsonl"), help="held-out rows")
@@ -58,10 +59,17 @@ def main(argv=None):
     ap.add_argument("--max_new_tokens", type=int, default=64)
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--out_dir", default=os.path.join(HERE, "runs", "compare"))
+    ap.add_argument("--device", default="auto", help="for training and scoring: auto (cuda when there is one), "
+                    "cuda or cpu")
     ap.add_argument("--plot", default=os.path.join(HERE, "assets", "compare.png"))
-    args, train_args = ap.parse_known_args(argv)  # anything else goes to train.py (--lam, --gamma, --lr, ...)
+    args, train_args = ap.parse_known_args(argv)
     if sorted(args.eval_at)[-1] != args.steps:
         ap.error("the last --eval_at step must equal --steps")
+    return args, train_args
+
+
+def main(argv=None):
+    args, train_args = parse_args(argv)
     rows = evaluation.load_rows(args.data)[: args.limit or None]
     os.makedirs(args.out_dir, exist_ok=True)
     results_path = os.path.join(args.out_dir, "results.json")
@@ -80,7 +88,7 @@ def main(argv=None):
                 if any(p["step"] == stop for p in run["curve"]):
                     continue
                 run["train_seconds"] += run_stage(method, seed, args.steps, stop, out,
-                                                  ["--init", args.init, *train_args])
+                                                  ["--init", args.init, "--device", args.device, *train_args])
                 run["curve"].append(dict(step=stop, **score(os.path.join(out, "checkpoint"), rows, args)))
                 json.dump(results, open(results_path, "w"), indent=2)
             run["done"] = True

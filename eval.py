@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import ift
 from data import collate
-from model import Transformer
+from model import Transformer, decoding_dtype, pick_device
 from tokenizer import Tokenizer
 
 
@@ -40,7 +40,7 @@ class EvalConfig:
     batch_size: int = 16
     limit: int = 0                            # first N rows of each data set; 0 = all
     out: str = ""                             # JSON file for metrics and per-example predictions
-    device: str = "cpu"                       # on cuda the weights load in bf16
+    device: str = "auto"                      # cuda when there is one (bf16 weights), else cpu (float32)
 
 
 # -----------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def generate_texts(model, tok, prompts: list, max_new_tokens: int = 128, batch_s
     eos = set(tok.eos_ids)
     texts = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # little padding per batch
-    bar = tqdm(total=len(prompts), desc="generate", disable=not progress, leave=False)
+    bar = tqdm(total=len(prompts), desc="generate", disable=not progress)  # kept: what follows starts a new line
     for start in range(0, len(order), batch_size):
         b = order[start:start + batch_size]
         T = max(len(prompts[i]) for i in b)
@@ -143,7 +143,7 @@ def answer_losses(model, tok, rows: list, batch_size: int = 16, progress: bool =
     # sorted by length, so a batch needs little right-padding; causal attention keeps real positions exact
     order = sorted(range(len(rows)), key=lambda i: len(encoded[i][0]))
     batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
-    for b in tqdm(batches, desc="loss", disable=not progress, leave=False):
+    for b in tqdm(batches, desc="loss", disable=not progress):
         for i in b:
             if not any(encoded[i][1][1:]):
                 raise ValueError(f"row {i} has no answer tokens to score")
@@ -205,13 +205,13 @@ def check_checkpoint(path: str):
         raise FileNotFoundError(f"checkpoint directory {path!r} has no config.json (not an HF checkpoint)")
 
 
-def load_checkpoint(path: str, device: str = "cpu"):
-    """(model, tokenizer) from an HF checkpoint directory, errors naming the directory. Weights in bf16 on
-    CUDA (as sample.py: decoding under autocast would re-cast float32 weights at every token), float32 on CPU."""
+def load_checkpoint(path: str, device: str = "auto"):
+    """(model, tokenizer) from an HF checkpoint directory, errors naming the directory. The device by the
+    scripts' rule (model.pick_device), weights in model.decoding_dtype (bf16 on CUDA, float32 on CPU)."""
     check_checkpoint(path)
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    dev = pick_device(device)
     try:
-        model = Transformer.from_pretrained(path, dtype=dtype, device=device)
+        model = Transformer.from_pretrained(path, dtype=decoding_dtype(dev), device=dev)
         tok = Tokenizer.from_pretrained(path)
     except Exception as e:
         raise RuntimeError(f"cannot load checkpoint {path!r}: {type(e).__name__}: {e}") from e
@@ -237,7 +237,7 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=d.batch_size)
     p.add_argument("--limit", type=int, default=d.limit, help="first N rows of each data set (0: all)")
     p.add_argument("--out", default=d.out, help="write metrics and per-example predictions to this JSON file")
-    p.add_argument("--device", default=d.device, help="cpu (float32) or cuda (bf16 weights)")
+    p.add_argument("--device", default=d.device, help="auto (cuda when there is one), cuda (bf16 weights) or cpu")
     cfg = EvalConfig(**vars(p.parse_args(argv)))
 
     # check every path before the first (slow) checkpoint runs

@@ -117,10 +117,10 @@ def config_kwargs(hf: dict, source: str = "config.json") -> dict:
     if mt == "mistral":
         window = take("sliding_window", 4096)  # absent means MistralConfig's default, as in transformers
     elif mt == "qwen2":  # the window applies only when asked, and then on the layers layer_types names
-        use, size, n_full = take("use_sliding_window", False), take("sliding_window", 4096), take("max_window_layers", 28)
-        layer_types = take("layer_types", None)
+        use, size = take("use_sliding_window", False), take("sliding_window", 4096)
+        n_full, layer_types = take("max_window_layers", 28), take("layer_types", None)
         window = size if use else None
-        if window is not None:  # without layer_types, transformers' rule: the first max_window_layers attend fully
+        if window is not None:  # no layer_types: transformers' rule, the first max_window_layers attend fully
             layer_types = layer_types or ["sliding_attention" if i >= n_full else "full_attention"
                                           for i in range(n_layers)]
             if len(layer_types) != n_layers or not set(layer_types) <= {"sliding_attention", "full_attention"}:

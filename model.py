@@ -306,7 +306,11 @@ class Transformer(nn.Module):
 
 def pick_device(name: str = "auto") -> torch.device:
     """The --device rule of every script: "auto" is cuda when there is one, else cpu."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is visible to torch (use --device cpu or auto)")
+    return torch.device(name)
 
 
 def decoding_dtype(device) -> torch.dtype:

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from convert_gguf import DEFAULT_OUT as DEFAULT_INIT, ensure_default
-from model import Transformer, resolve_checkpoint
+from model import Transformer, decoding_dtype, pick_device, resolve_checkpoint
 from tokenizer import Tokenizer
 
 
@@ -28,14 +28,14 @@ def main(argv=None):
     ap.add_argument("--top_k", type=int, default=None)
     ap.add_argument("--top_p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=1337)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", help="auto (cuda when there is one), cuda or cpu")
     args = ap.parse_args(argv)
 
     try:
+        device = pick_device(args.device)
         path = resolve_checkpoint(ensure_default(args.init))
         tok = Tokenizer.from_pretrained(path)
-        dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-        model = Transformer.from_pretrained(path, dtype=dtype, device=args.device)
+        model = Transformer.from_pretrained(path, dtype=decoding_dtype(device), device=device)
     except (FileNotFoundError, ValueError, KeyError) as e:
         sys.exit(f"error: {e}")
     if args.chat:
@@ -43,8 +43,8 @@ def main(argv=None):
     else:
         ids = ([tok.bos_id] if tok.add_bos and tok.bos_id is not None else []) + tok.encode(args.prompt)
         print(args.prompt, end="", flush=True)
-    idx = torch.tensor([ids], dtype=torch.long, device=args.device)
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
     new, shown = [], ""
     for tok_id in model.stream(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                                eos_ids=tok.eos_ids, generator=gen):

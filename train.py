@@ -291,10 +291,14 @@ def eval_loss(model, examples, cfg, device, autocast, rank, world) -> float:
     return (total[0] / total[1]).item()
 
 
+def prompt_of(example) -> list[int]:
+    ids, mask = example
+    return ids[: int(mask.argmax())].tolist()  # everything before the first answer token
+
+
 @torch.no_grad()
 def sample(raw, tok, example, device, autocast, max_new_tokens=64) -> str:
-    ids, mask = example
-    prompt = torch.tensor(ids[: int(mask.argmax())], dtype=torch.long, device=device)[None]
+    prompt = torch.tensor(prompt_of(example), dtype=torch.long, device=device)[None]
     with autocast:
         out = raw.generate(prompt, max_new_tokens, temperature=0, eos_ids=tok.eos_ids)
     return tok.decode([t for t in out[0, prompt.shape[1]:].tolist() if t not in tok.eos_ids])
@@ -302,7 +306,10 @@ def sample(raw, tok, example, device, autocast, max_new_tokens=64) -> str:
 
 def main(argv=None):
     cfg = parse_args(argv)
-    rank, world, device = init_distributed(cfg.device, cfg.fsdp)
+    try:
+        rank, world, device = init_distributed(cfg.device, cfg.fsdp)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     torch.manual_seed(cfg.seed + rank)
     # ---- data first: every problem with it stops here, before any model or GPU time, and out_dir stays clean
     ckpt = find_checkpoint(cfg.out_dir)
@@ -353,7 +360,7 @@ def main(argv=None):
         model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
     opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
     optimizer = opt_cls(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = load_checkpoint(ckpt, raw, optimizer, cfg) if cfg.resume else 0
+    step = resumed_at = load_checkpoint(ckpt, raw, optimizer, cfg) if cfg.resume else 0
     print0(f"model: {sum(p.numel() for p in raw.parameters()) / 1e6:.0f}M parameters; peak host memory while "
            f"loading, per rank: {', '.join(f'{gb:.2f}' for gb in peak_rss_gb(world))} GB")
     if cfg.resume:
@@ -363,7 +370,10 @@ def main(argv=None):
     if cfg.wandb_project and rank == 0:
         import wandb
         wandb.init(project=cfg.wandb_project, config=asdict(cfg))
+    if cfg.eval_every and held and step == 0:
+        print0(f"step 0: eval {eval_loss(raw, held, cfg, device, autocast, rank, world):.4g}")
     if cfg.sample_every and held and step == 0:
+        print0(f"sample prompt: {tok.decode(prompt_of(held[0]))!r}")
         print0(f"sample before: {sample(raw, tok, held[0], device, autocast)!r}")
 
     # ---- the loop
@@ -422,6 +432,8 @@ def main(argv=None):
             break
     bar.close()
     if cfg.sample_every and held:
+        if resumed_at:  # the prompt was printed by the run that started
+            print0(f"sample prompt: {tok.decode(prompt_of(held[0]))!r}")
         print0(f"sample after:  {sample(raw, tok, held[0], device, autocast)!r}")
     if step == total:
         print0(f"done: {total} steps; model in {cfg.out_dir}")

@@ -134,7 +134,8 @@ def test_two_processes_equal_one_with_twice_the_accumulation(mode, tiny_dir, tin
     two = args(init, rows_file, tmp_path / "two", "--method", "ift", "--grad_accum", "1", *extra[mode])
     torchrun(2, two, tmp_path)
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
-    assert set(a) == set(b) and not torch.equal(a["model.embed_tokens.weight"], weights(init)["model.embed_tokens.weight"])
+    embed = "model.embed_tokens.weight"
+    assert set(a) == set(b) and not torch.equal(a[embed], weights(init)[embed])  # it trained
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
     if mode == "fsdp_tied":  # saved once, and it reloads as one table in both readers
@@ -260,6 +261,17 @@ def test_peak_tables_pick_the_most_specific_gpu_name(monkeypatch):
         assert bench.device_peaks(cuda, 0, 0) == (flops, bandwidth), name
     assert bench.device_peaks(torch.device("cpu"), 0, 0) == (None, None)
     assert bench.device_peaks(torch.device("cpu"), 2.5, 40) == (2.5e12, 40e9)  # the flags win everywhere
+
+
+def test_log_shows_eval_loss_at_step_0_and_the_sampled_prompt(tiny_dir, rows_file, tmp_path, capsys):
+    train.main(args(tiny_dir, rows_file, tmp_path / "out", "--eval_every", "2", "--max_steps", "2",
+                    "--sample_every", "-1"))
+    out = capsys.readouterr().out.splitlines()
+    first_question = json.loads(open(rows_file[1]).readline())["messages"][0]["content"]
+    assert [line for line in out if line.startswith("step 0: eval ")]
+    assert [line for line in out if line.startswith("sample prompt: ") and first_question in line]
+    assert [line for line in out if line.startswith("sample before: ")]
+    assert [line for line in out if line.startswith("sample after: ")]
 
 
 def test_bf16_compiled_run_logs_mfu_and_saves_a_loadable_model(tiny_dir, rows_file, tmp_path, capsys):
