@@ -86,10 +86,17 @@ def shrink(hf: dict) -> dict:
     return small
 
 
-@pytest.mark.parametrize("path", CORPUS, ids=IDS)
-def test_hub_config_logits_match_transformers(path, tmp_path):
+WINDOWED_QWEN2 = [p for p in CORPUS if "Qwen2.5-7B-Instruct" in p]  # with use_sliding_window switched on
+
+
+@pytest.mark.parametrize("path,windowed", [(p, False) for p in CORPUS] + [(p, True) for p in WINDOWED_QWEN2],
+                         ids=IDS + ["Qwen2.5-7B-Instruct+use_sliding_window"])
+def test_hub_config_logits_match_transformers(path, windowed, tmp_path):
+    """windowed: the hub file has no layer_types, so the windowed layers come from max_window_layers (shrunk
+    to 1 of 3 layers): transformers' rule, which ours must follow."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    small = shrink(read(path))
+    small = shrink(dict(read(path), **({"use_sliding_window": True} if windowed else {})))
+    assert not windowed or "layer_types" not in small
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(AutoConfig.for_model(**small), dtype=torch.float32).eval()
     with torch.no_grad():  # transformers zero-inits biases: make Qwen2's q/k/v biases matter
