@@ -263,7 +263,7 @@ def main(argv=None):
             name = path  # two checkpoints with one basename: show the paths
         try:
             model, tok = load_checkpoint(path, cfg.device)
-        except (FileNotFoundError, RuntimeError) as e:
+        except (FileNotFoundError, RuntimeError, ValueError) as e:
             sys.exit(f"eval.py: {e}")
         for data_name, rows in sets:
             print(f"{name}: {data_name} ({len(rows)} rows)")
