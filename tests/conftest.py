@@ -31,6 +31,28 @@ def smollm2_dir():
     return out
 
 
+def tiny_llama(out: str, tokenizer_dir: str, tied: bool) -> str:
+    """A tiny random llama (2 layers, width 32) with SmolLM2's real tokenizer files, saved as an HF directory."""
+    from model import ModelConfig, Transformer
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=49152, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64,
+                      model_type="llama", rms_norm_eps=1e-5, tie_word_embeddings=tied)
+    Transformer(cfg).save_pretrained(out, tokenizer_dir=tokenizer_dir)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smollm2_dir):
+    """Untied input/output embeddings."""
+    return tiny_llama(str(tmp_path_factory.mktemp("tiny")), smollm2_dir, tied=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_dir(tmp_path_factory, smollm2_dir):
+    """Tied input/output embeddings, as SmolLM2, Llama-3.2-1B and Qwen2-0.5B have."""
+    return tiny_llama(str(tmp_path_factory.mktemp("tiny_tied") / "tiny-ckpt"), smollm2_dir, tied=True)
+
+
 @pytest.fixture(scope="session")
 def smollm2_reference():
     """(model, tokenizer) as transformers loads them straight from the GGUF file: the reference."""

@@ -57,3 +57,28 @@ def test_batch_indices_cover_each_epoch_once_and_split_across_ranks():
     assert one == two  # 2 ranks x k micro-steps see the same examples, in the same groups, as 1 rank x 2k
     assert sorted(one[:n]) == list(range(n))  # the first epoch is a permutation
     assert one[:n] != one[n:2 * n]  # and the next epoch another one
+
+
+def test_jsonl_json_and_parquet_read_the_same_rows(tmp_path):
+    import datasets
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(5)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    for ext in ("jsonl", "json", "parquet"):
+        assert read_rows(str(tmp_path / f"d.{ext}")) == rows, ext
+
+
+def test_learn_all_turns_masks_every_assistant_turn(tmp_path, smollm2_dir):
+    from data import tokenize_sources
+    from tokenizer import Tokenizer
+    conv = {"messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "first answer"},
+                         {"role": "user", "content": "two"}, {"role": "assistant", "content": "second answer"}]}
+    (tmp_path / "c.jsonl").write_text(json.dumps(conv) + "\n")
+    tok = Tokenizer.from_pretrained(smollm2_dir)
+    learned = {}
+    for learn in ("last", "all"):
+        (ids, mask), = tokenize_sources(str(tmp_path / "c.jsonl"), smollm2_dir, 256, learn, log=lambda *a: None)
+        learned[learn] = tok.decode([int(t) for t, m in zip(ids, mask) if m])
+    assert "second answer" in learned["last"] and "first answer" not in learned["last"]
+    assert "first answer" in learned["all"] and "second answer" in learned["all"]

@@ -222,16 +222,6 @@ GSM8K_SAMPLE = [  # written for this test, in the GSM8K schema
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(smollm2_dir, tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=49152, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, intermediate_size=64,
-                      tie_word_embeddings=True, model_type="llama")
-    out = str(tmp_path_factory.mktemp("tiny") / "tiny-ckpt")
-    Transformer(cfg).save_pretrained(out, tokenizer_dir=smollm2_dir)
-    return out
-
-
 def test_load_gsm8k(tmp_path):
     path = tmp_path / "gsm8k.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in GSM8K_SAMPLE))
@@ -241,11 +231,11 @@ def test_load_gsm8k(tmp_path):
                                    {"role": "assistant", "content": GSM8K_SAMPLE[0]["answer"]}]
 
 
-def test_cli_end_to_end(tiny_checkpoint, tmp_path, capsys):
+def test_cli_end_to_end(tiny_tied_dir, tmp_path, capsys):
     gsm = tmp_path / "gsm8k.jsonl"
     gsm.write_text("".join(json.dumps(r) + "\n" for r in GSM8K_SAMPLE))
     out = tmp_path / "results.json"
-    ev.main(["--init", tiny_checkpoint, "--data", os.path.join(ROOT, "data", "chain_test.jsonl"),
+    ev.main(["--init", tiny_tied_dir, "--data", os.path.join(ROOT, "data", "chain_test.jsonl"),
              "--gsm8k", str(gsm), "--limit", "4", "--max_new_tokens", "3", "--out", str(out)])
     table = capsys.readouterr().out
     assert "tiny-ckpt" in table and "chain_test" in table and "gsm8k" in table
@@ -256,23 +246,23 @@ def test_cli_end_to_end(tiny_checkpoint, tmp_path, capsys):
         assert {"question", "answer", "output", "extracted", "correct", "loss"} <= set(r["predictions"][0])
 
 
-def test_clear_errors(tiny_checkpoint, tmp_path):
+def test_clear_errors(tiny_tied_dir, tmp_path):
     with pytest.raises(SystemExit, match="nowhere"):
         ev.main(["--init", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit, match="no config.json"):
         ev.main(["--init", str(tmp_path)])
     with pytest.raises(SystemExit, match="missing.jsonl"):
-        ev.main(["--init", tiny_checkpoint, "--data", str(tmp_path / "missing.jsonl")])
+        ev.main(["--init", tiny_tied_dir, "--data", str(tmp_path / "missing.jsonl")])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "no marker"}\n')
     with pytest.raises(SystemExit, match="bad.jsonl: row 1"):
-        ev.main(["--init", tiny_checkpoint, "--gsm8k", str(bad)])
+        ev.main(["--init", tiny_tied_dir, "--gsm8k", str(bad)])
 
 
-def test_checkpoint_loads_in_float32_on_cpu_whatever_it_was_saved_in(tiny_checkpoint, tmp_path):
+def test_checkpoint_loads_in_float32_on_cpu_whatever_it_was_saved_in(tiny_tied_dir, tmp_path):
     bf16_dir = str(tmp_path / "bf16")
-    model, _ = ev.load_checkpoint(tiny_checkpoint)
-    model.to(torch.bfloat16).save_pretrained(bf16_dir, tokenizer_dir=tiny_checkpoint)
+    model, _ = ev.load_checkpoint(tiny_tied_dir)
+    model.to(torch.bfloat16).save_pretrained(bf16_dir, tokenizer_dir=tiny_tied_dir)
     again, tok = ev.load_checkpoint(bf16_dir, "cpu")
     assert {p.dtype for p in again.parameters()} == {torch.float32}
     assert len(tok.encode("hello")) > 0

@@ -217,6 +217,27 @@ def test_guess_inputs_by_hand():
     assert torch.equal(ift.guess_inputs(idx, targets, masked), xh)
 
 
+@pytest.mark.parametrize("lam", [0.2, 0.7, 1.0])
+def test_ift_forward_blends_true_and_guessed_embeddings(lam):
+    """ift_forward at lam > 0 against the spec computed outside it: guesses from full logits, xh by the spec's
+    rule in a loop, e = (1 - lam) E(x) + lam E(xh) from the embedding matrix, full logits, the float64 loop."""
+    model = tiny_model()
+    idx, targets = random_batch()
+    with torch.no_grad():
+        g = model(idx).argmax(-1)
+    xh = idx.clone()
+    for b in range(idx.shape[0]):
+        for t in range(1, idx.shape[1]):
+            if targets[b, t - 1] != IGNORE:  # x[t] is an answer token: the guess made at t - 1
+                xh[b, t] = g[b, t - 1]
+    assert not torch.equal(xh, idx)
+    E = model.embed_tokens.weight
+    e = (1 - lam) * E[idx] + lam * E[xh]
+    want = ref_losses(model(embed=lambda _: e).double(), targets, 0.95)[1]
+    got = ift.ift_forward(model, idx, targets, lam, 0.95)[0]
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------
 # pass 1: no graph, no (B, T, V) tensor
 

@@ -18,6 +18,11 @@ def test_plain_continuation_is_seeded(smollm2_dir, capsys):
     first = capsys.readouterr().out
     sample.main(argv)
     assert capsys.readouterr().out == first and first.startswith("Once upon a time") and len(first) > 20
+    others = set()
+    for seed in ("4", "5"):  # and the seed is what decides it
+        sample.main(argv[:-1] + [seed])
+        others.add(capsys.readouterr().out)
+    assert first not in others
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

@@ -32,28 +32,6 @@ def write_jsonl(path, rows):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smollm2_dir):
-    """A tiny random llama (untied, so FSDP can run) with SmolLM2's real tokenizer files."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=49152, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64,
-                      model_type="llama", rms_norm_eps=1e-5)
-    out = str(tmp_path_factory.mktemp("tiny"))
-    Transformer(cfg).save_pretrained(out, tokenizer_dir=smollm2_dir)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_tied_dir(tmp_path_factory, smollm2_dir):
-    """The same tiny llama with tied input/output embeddings (SmolLM2, Llama-3.2-1B, Qwen2-0.5B are tied)."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=49152, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64,
-                      model_type="llama", rms_norm_eps=1e-5, tie_word_embeddings=True)
-    out = str(tmp_path_factory.mktemp("tiny_tied"))
-    Transformer(cfg).save_pretrained(out, tokenizer_dir=smollm2_dir)
-    return out
-
-
-@pytest.fixture(scope="module")
 def rows_file(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     return write_jsonl(d / "train.jsonl", chat_rows(32)), write_jsonl(d / "eval.jsonl", chat_rows(8, seed=1))
@@ -229,6 +207,44 @@ def test_fsdp_without_torchrun_is_a_world_of_one(tiny_dir, rows_file, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+RANK_KILLER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import train
+lr_at = train.lr_at
+
+def lr_or_die(step, total, cfg):  # called once at the top of every step
+    if step == 3 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return lr_at(step, total, cfg)
+
+train.lr_at = lr_or_die
+train.main()
+"""
+
+
+def test_killed_rank_stops_the_job_and_resume_equals_the_uninterrupted_run(tiny_dir, rows_file, tmp_path):
+    """Rank 1 of two dies at step 4 of 6 (after the step-2 checkpoint): torchrun ends the job in bounded time
+    instead of leaving rank 0 waiting in a collective, and a rerun with --resume ends where an uninterrupted
+    two-rank run ends, bit for bit."""
+    import time
+    full = args(tiny_dir, rows_file, tmp_path / "full", "--grad_accum", "1", "--max_steps", "6", "--save_every", "2")
+    torchrun(2, full, tmp_path)
+    (tmp_path / "killer.py").write_text(RANK_KILLER.format(root=ROOT))
+    cut = args(tiny_dir, rows_file, tmp_path / "cut", "--grad_accum", "1", "--max_steps", "6", "--save_every", "2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           str(tmp_path / "killer.py"), *cut]
+    t0 = time.time()
+    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT), capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode != 0 and time.time() - t0 < 120
+    assert "Signal 9" in r.stderr or "SIGKILL" in r.stderr, r.stderr[-2000:]
+    assert json.load(open(tmp_path / "cut" / "checkpoint" / "train_config.json"))["step"] == 2
+    torchrun(2, cut + ["--resume"], tmp_path)
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+
+
 BAD = {
     "malformed": ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
                   '{"messages": [oops\n', "bad.jsonl:2: malformed JSON line"),
@@ -264,6 +280,8 @@ def test_bad_input_stops_with_a_clear_message_and_clean_out_dir(case, tiny_dir, 
     else:
         data, message = str(tmp_path / "missing.jsonl"), "missing.jsonl: no such file"
     out = tmp_path / "out"
+    monkeypatch.setattr(train.Transformer, "from_pretrained", classmethod(
+        lambda *a, **k: pytest.fail("the model was loaded before the data was checked")))
     with pytest.raises(SystemExit) as e:
         train.main(args(tiny_dir, (data, rows_file[1]), out))
     assert message in str(e.value)
@@ -339,3 +357,24 @@ def test_bf16_compiled_run_logs_mfu_and_saves_a_loadable_model(tiny_dir, rows_fi
     assert 0 < float(values["mfu"]) and all(math.isfinite(float(v)) for v in values.values())
     reloaded = Transformer.from_pretrained(str(out))
     assert all(torch.isfinite(p).all() for p in reloaded.parameters())
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tiny_dir, rows_file, tmp_path):
+    with pytest.raises(SystemExit, match="--resume: no checkpoint in"):
+        train.main(args(tiny_dir, rows_file, tmp_path / "empty", "--resume"))
+    assert not (tmp_path / "empty").exists()
+
+
+def test_eval_fraction_holds_out_that_share_of_the_training_rows(tiny_dir, rows_file, tmp_path, capsys):
+    train.main(args(tiny_dir, (rows_file[0], ""), tmp_path / "out", "--eval_fraction", "0.25", "--max_steps", "1"))
+    assert "data: 24 train / 8 eval examples" in capsys.readouterr().out
+
+
+def test_presets_replace_defaults_and_flags_win():
+    from presets import PRESETS
+    cfg = train.parse_args(["--preset", "paper"])
+    assert all(getattr(cfg, k) == v for k, v in PRESETS["paper"].items())
+    assert (cfg.lam, cfg.gamma, cfg.optimizer, cfg.lr, cfg.fsdp) == (0.2, 0.95, "rmsprop", 5e-7, True)
+    assert train.parse_args(["--preset", "paper", "--lr", "1e-6", "--no-fsdp"]).lr == 1e-6
+    assert train.parse_args(["--preset", "paper", "--no-fsdp"]).fsdp is False
+    assert train.parse_args([]) == train.TrainConfig()
