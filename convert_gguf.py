@@ -14,6 +14,7 @@ What the conversion undoes / rebuilds:
   tokenizer_config.json. Only the pre-tokenizers we can state exactly are accepted.
 """
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -57,10 +58,33 @@ def default_gguf() -> str:
     return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+def stamp(gguf_path: str) -> dict:
+    """What a conversion was made from: the GGUF file's and this converter's content hashes. A cached
+    conversion whose stamp differs is stale (another GGUF file, or a fixed converter) and is made again."""
+    def sha256(path):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        return h.hexdigest()
+    return {"gguf_sha256": sha256(gguf_path), "converter_sha256": sha256(os.path.abspath(__file__))}
+
+
 def ensure_default(path: str) -> str:
-    """path itself, after converting the embedded default model there when path is its (missing) directory."""
-    if os.path.abspath(path) == DEFAULT_OUT and not os.path.exists(os.path.join(DEFAULT_OUT, "model.safetensors")):
-        print(f"converting the embedded default model once, into {DEFAULT_OUT}")
+    """path itself, after converting the embedded default model there when path is its directory and the
+    conversion there is missing or stale (its conversion.json stamp differs)."""
+    if os.path.abspath(path) != DEFAULT_OUT:
+        return path
+    want, have = stamp(default_gguf()), None
+    if os.path.exists(os.path.join(DEFAULT_OUT, "model.safetensors")):
+        try:
+            with open(os.path.join(DEFAULT_OUT, "conversion.json")) as f:
+                have = json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            have = {}
+    if have != want:
+        why = "once" if have is None else "again: the cached conversion is stale or unstamped"
+        print(f"converting the embedded default model {why}, into {DEFAULT_OUT}")
         convert(None, DEFAULT_OUT)
     return path
 
@@ -119,7 +143,7 @@ def convert(gguf_path: str | None = None, out_dir: str = DEFAULT_OUT) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    for name, obj in [("config.json", config), *write_tokenizer(meta)]:
+    for name, obj in [("config.json", config), ("conversion.json", stamp(gguf_path)), *write_tokenizer(meta)]:
         with open(os.path.join(tmp, name), "w") as f:
             json.dump(obj, f, indent=2, ensure_ascii=False)
     shutil.rmtree(out_dir, ignore_errors=True)

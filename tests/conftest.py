@@ -25,10 +25,7 @@ torch.set_num_threads(min(4, os.cpu_count() or 1))
 def smollm2_dir():
     """HF-format directory of SmolLM2-135M-Instruct written by convert_gguf.py (cached in checkpoints/)."""
     import convert_gguf
-    out = convert_gguf.DEFAULT_OUT
-    if not os.path.exists(os.path.join(out, "model.safetensors")):
-        convert_gguf.convert(None, out)
-    return out
+    return convert_gguf.ensure_default(convert_gguf.DEFAULT_OUT)  # converts when missing or stale
 
 
 def tiny_llama(out: str, tokenizer_dir: str, tied: bool) -> str:

@@ -209,3 +209,25 @@ def test_the_network_guard_stops_and_records_a_connection(no_network):
         socket.getaddrinfo("huggingface.co", 443)
     assert no_network == [("203.0.113.7", 443), "huggingface.co"]
     no_network.clear()  # seen: let this test pass
+
+
+def test_cached_default_conversion_is_made_again_when_stale(monkeypatch, tmp_path, smollm2_dir):
+    """checkpoints/SmolLM2-135M-Instruct carries a stamp of the GGUF file and the converter it came from; a
+    missing or different stamp converts again, a matching one does not."""
+    import convert_gguf
+    want = convert_gguf.stamp(convert_gguf.default_gguf())
+    assert json.load(open(os.path.join(smollm2_dir, "conversion.json"))) == want  # the real conversion is stamped
+    out = tmp_path / "SmolLM2-135M-Instruct"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(convert_gguf, "DEFAULT_OUT", str(out))
+    calls = []
+    monkeypatch.setattr(convert_gguf, "convert", lambda gguf_path, out_dir: calls.append(out_dir))
+    for stamped, converts in [(None, True), (dict(want, converter_sha256="0" * 64), True), (want, False)]:
+        if stamped is None:
+            (out / "conversion.json").unlink(missing_ok=True)
+        else:
+            (out / "conversion.json").write_text(json.dumps(stamped))
+        calls.clear()
+        assert convert_gguf.ensure_default(str(out)) == str(out)
+        assert calls == ([str(out)] if converts else []), stamped
