@@ -251,6 +251,9 @@ def load_checkpoint(path, model, optimizer, cfg):
     if saved != cfg.optimizer:
         sys.exit(f"error: {path} was trained with --optimizer {saved}; resume with the same optimizer")
     file = os.path.join(path, "optimizer.safetensors")
+    if not os.path.exists(file):  # train.py before optimizer.safetensors kept the state inside resume.pt
+        sys.exit(f"error: {path} has no optimizer.safetensors (written by an older train.py); its weights load "
+                 "as --init, without --resume")
     params = dict(model.named_parameters())
     with safe_open(file, framework="pt") as f:  # names "<parameter>.<moment>"; 0-dim ones are step counters
         moments = {name: torch.empty_like(params[name.rsplit(".", 1)[0]]) if f.get_slice(name).get_shape()

@@ -363,6 +363,14 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tiny_dir, rows_file, tmp_p
     with pytest.raises(SystemExit, match="--resume: no checkpoint in"):
         train.main(args(tiny_dir, rows_file, tmp_path / "empty", "--resume"))
     assert not (tmp_path / "empty").exists()
+    # a checkpoint of an older train.py (optimizer state inside resume.pt), or resumed with another optimizer
+    out = tmp_path / "old"
+    train.main(args(tiny_dir, rows_file, out, "--max_steps", "2", "--stop_at", "1", "--save_every", "1"))
+    with pytest.raises(SystemExit, match="trained with --optimizer adamw"):
+        train.main(args(tiny_dir, rows_file, out, "--max_steps", "2", "--resume", "--optimizer", "rmsprop"))
+    os.remove(out / "checkpoint" / "optimizer.safetensors")
+    with pytest.raises(SystemExit, match="has no optimizer.safetensors"):
+        train.main(args(tiny_dir, rows_file, out, "--max_steps", "2", "--resume"))
 
 
 def test_eval_fraction_holds_out_that_share_of_the_training_rows(tiny_dir, rows_file, tmp_path, capsys):
