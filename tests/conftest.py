@@ -60,47 +60,40 @@ def smollm2_reference():
     return model, tok
 
 
-def _is_local(address) -> bool:
-    host = address[0] if isinstance(address, tuple) else address
-    if not isinstance(host, str) or host == "localhost":
-        return True
+def _ip(host):
+    """host as an IP address, None when it is a name (or not a string)."""
     try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return False  # a host name: it would need a lookup
+        return ipaddress.ip_address(host.split("%")[0])
+    except (AttributeError, ValueError):
+        return None
+
+
+def _is_local(host) -> bool:
+    ip = _ip(host)
+    return (not isinstance(host, str) or host in ("localhost", socket.gethostname())
+            or (ip is not None and ip.is_loopback))
 
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
-    """Fail any test that opens a connection beyond this machine (loopback and unix sockets stay allowed:
-    torch.distributed's rendezvous uses them)."""
+    """Fail any test that opens a connection or looks up a name beyond this machine (loopback and unix sockets
+    stay allowed: torch.distributed's rendezvous uses them)."""
     attempts = []
-    connect = socket.socket.connect
+    connect, getaddrinfo = socket.socket.connect, socket.getaddrinfo
 
-    def guarded(sock, address):
-        if sock.family == getattr(socket, "AF_UNIX", None) or _is_local(address):
+    def guarded_connect(sock, address):
+        if sock.family == getattr(socket, "AF_UNIX", None) or _is_local(address[0]):
             return connect(sock, address)
         attempts.append(address)
         raise OSError(f"this test tried to reach the network: {address}")
 
-    monkeypatch.setattr(socket.socket, "connect", guarded)
-    monkeypatch.setattr(socket, "getaddrinfo", _local_lookups_only(socket.getaddrinfo, attempts))
-    yield attempts
-    assert not attempts, f"the test tried to open network connections: {attempts}"
-
-
-def _is_numeric(host) -> bool:
-    try:
-        ipaddress.ip_address(str(host).split("%")[0])
-        return True
-    except ValueError:
-        return False
-
-
-def _local_lookups_only(getaddrinfo, attempts):
-    def lookup(host, *args, **kw):
-        if host is None or _is_numeric(host) or _is_local((host,)) or host == socket.gethostname():
-            return getaddrinfo(host, *args, **kw)  # no name to resolve: connect() decides
+    def guarded_lookup(host, *args, **kw):
+        if host is None or _ip(host) is not None or _is_local(host):  # nothing to resolve: connect() decides
+            return getaddrinfo(host, *args, **kw)
         attempts.append(host)
         raise socket.gaierror(f"this test tried to look up {host!r}")
-    return lookup
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket, "getaddrinfo", guarded_lookup)
+    yield attempts
+    assert not attempts, f"the test tried to open network connections: {attempts}"

@@ -150,12 +150,12 @@ def test_killed_while_saving_resumes_from_the_last_complete_checkpoint(point, ti
     assert not (out / "checkpoint.old").exists() and not (out / "checkpoint.tmp").exists()  # leftovers cleaned
 
 
-def torchrun(nproc, argv, tmp_path):
+def torchrun(nproc, argv, tmp_path, script=os.path.join(ROOT, "train.py"), ok=True, timeout=600):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           os.path.join(ROOT, "train.py"), *argv]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", script, *argv]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+    if ok:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
 
@@ -232,11 +232,8 @@ def test_killed_rank_stops_the_job_and_resume_equals_the_uninterrupted_run(tiny_
     torchrun(2, full, tmp_path)
     (tmp_path / "killer.py").write_text(RANK_KILLER.format(root=ROOT))
     cut = args(tiny_dir, rows_file, tmp_path / "cut", "--grad_accum", "1", "--max_steps", "6", "--save_every", "2")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           str(tmp_path / "killer.py"), *cut]
     t0 = time.time()
-    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT), capture_output=True,
-                       text=True, timeout=120, cwd=tmp_path)
+    r = torchrun(2, cut, tmp_path, script=str(tmp_path / "killer.py"), ok=False, timeout=120)
     assert r.returncode != 0 and time.time() - t0 < 120
     assert "Signal 9" in r.stderr or "SIGKILL" in r.stderr, r.stderr[-2000:]
     assert json.load(open(tmp_path / "cut" / "checkpoint" / "train_config.json"))["step"] == 2
