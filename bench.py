@@ -18,6 +18,7 @@ same quantity as CUDA's counter, deterministic, in this one process. Both report
 allocated before the step (weights, optimizer state), so the part the method itself adds is not diluted.
 """
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -32,6 +33,8 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import baselines
+import decode
 import ift
 from model import ModelConfig, Transformer, pick_device
 from train import flops_per_token, gpu_row, peak_flops
@@ -146,6 +149,86 @@ def decode_bytes(model: Transformer) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters()) - skip
 
 
+def decode_times(decoders: dict, n: int, steps: int, device) -> tuple[dict, dict, dict]:
+    """Each decoder(k) returns the prompt plus k greedy tokens. Timed at k = n and k = 1 (median of steps calls
+    after one warm-up, which also compiles) -> (the n-token outputs, seconds for n tokens with the prefill,
+    seconds per step after the prefill: (t_n - t_1) / (n - 1), what the memory roofline bounds)."""
+    outs = {}
+
+    def run(name, k):
+        out = decoders[name](k)
+        if k == n:
+            outs[name] = out
+
+    secs = median_times({(name, k): partial(run, name, k) for name in decoders for k in (n, 1)}, 1, steps, device)
+    per_step = {name: max(secs[name, n] - secs[name, 1], 1e-9) / max(n - 1, 1) for name in decoders}
+    return outs, {name: secs[name, n] for name in decoders}, per_step
+
+
+def one_decode_step(model: Transformer, prompt, how: str = "eager", pad=None):
+    """A function running one decoding step of model.generate after prefilling prompt (B, P), for the profiler.
+    how: "eager" (the forward over the cache up to the position), "compiled" (decode.py's compiled step over the
+    static cache) or "static" (the compiled step's inputs run eagerly, so that its aten ops stay visible)."""
+    B, P = prompt.shape
+    cfg, dtype, tok = model.config, model.embed_tokens.weight.dtype, prompt[:, -1:].contiguous()  # as sampled
+    if how == "eager":
+        cache = [decode.KVCache(B, P + 1, cfg.n_kv_heads, cfg.head_dim, dtype, prompt.device)
+                 for _ in range(cfg.n_layers)]
+    else:
+        cache = decode.static_cache(model, B, P + 1, dtype, prompt.device)
+    eager = torch.compiler.set_stance("force_eager")  # as in decode.py: blocks of compile_blocks() stay eager
+    with torch.no_grad(), eager:
+        model(prompt, cache=cache, pad=pad)  # prefill
+    pos = P if how == "eager" else torch.tensor([P], device=prompt.device)
+    step = decode.compiled_step(prompt.device.type) if how == "compiled" else decode._step
+
+    @torch.no_grad()
+    def run():
+        torch.compiler.cudagraph_mark_step_begin()
+        with nullcontext() if how == "compiled" else eager:
+            return step(model, tok, cache, pos, pad)
+    return run
+
+
+def top_kernels(fn, device, n: int) -> tuple[list, float]:
+    """torch.profiler over one fn() call -> ([(name, ms, calls)] of the n kernels taking the most time, total
+    ms of all): GPU kernels by device time on CUDA, aten ops by self CPU time on a CPU. Two calls before it
+    are not profiled (compilation; a CUDA graph's warm-up and recording)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    fn()
+    fn()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    rows = [(e.key, (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3, e.count)
+            for e in prof.key_averages() if (e.device_type == DeviceType.CUDA) == cuda]
+    rows.sort(key=lambda r: -r[1])
+    return rows[:n], sum(r[1] for r in rows)
+
+
+def print_profile(name: str, fn, device, n: int):
+    rows, total = top_kernels(fn, device, n)
+    kind = "GPU kernels by device time" if device.type == "cuda" else "aten ops by self CPU time"
+    print(f"profile {name}: top {len(rows)} {kind}, {total:.2f} ms in all")
+    print(f"    {'ms':>9} {'share':>6} {'calls':>6}  kernel")
+    for key, ms, calls in rows:
+        print(f"    {ms:9.3f} {ms / max(total, 1e-9):6.1%} {calls:6d}  {key[:100]}")
+
+
+def sdpa_kernels(fn) -> str:
+    """The scaled_dot_product_attention backends fn() reaches, by the aten ops the profiler records:
+    flash, efficient (memory-efficient), cudnn, math (unfused), flash_attention_for_cpu."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = {e.key.removeprefix("aten::_scaled_dot_product_") for e in prof.key_averages()
+             if e.key.startswith("aten::_scaled_dot_product_")}
+    return ", ".join(sorted(names)) or "none"
+
+
 # -------------------------------------------------------------------------------------------------------------------
 # what is measured
 
@@ -180,9 +263,10 @@ def reference_nll(h, lm_head, targets):
     return torch.where(targets != ift.IGNORE, nll, 0)
 
 
-def loss_memory(vocab, dim, idx_shape, targets, device, autocast) -> tuple[int, int]:
+def loss_memory(vocab, dim, idx_shape, targets, device, autocast, reference=True) -> tuple[int, int | None]:
     """Peak memory of the per-token losses and their backward, from final hidden states (B, T, dim) through a
-    (vocab, dim) output projection: ours (ift.chunked_nll) vs the reference's log_softmax + gather."""
+    (vocab, dim) output projection: ours (ift.chunked_nll) vs the reference's log_softmax + gather (None when
+    reference=False)."""
     torch.manual_seed(0)
     lm_head = nn.Linear(dim, vocab, bias=False, device=device)
     nn.init.normal_(lm_head.weight, std=0.02)
@@ -196,10 +280,48 @@ def loss_memory(vocab, dim, idx_shape, targets, device, autocast) -> tuple[int, 
         h.grad = lm_head.weight.grad = None
 
     fns = {"ours": partial(run, ift.chunked_nll), "reference": partial(run, reference_nll)}
+    if not reference:
+        del fns["reference"]
     for fn in fns.values():  # warm-up: lazily created library state must not count against the first
         fn()
     peaks = {k: peak_memory(fn, device) for k, fn in fns.items()}
-    return peaks["ours"], peaks["reference"]
+    return peaks["ours"], peaks.get("reference")
+
+
+def free_bytes(device) -> int:
+    """Memory the device has free now (CUDA: the driver's count; CPU: Linux's MemAvailable, else free pages)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def reference_bytes(vocab, dim, B, T) -> int:
+    """A generous estimate of reference_nll's peak with its backward under bf16 autocast: 12 bytes per logit
+    (10 measured at 4 x 1024 on CPU: a bf16 and two float32 (V,) rows, or their gradients), plus 1.5
+    weight-sized float32 buffers (the bf16 weight and its bf16 gradient, then the float32 gradient)."""
+    return B * T * vocab * 12 + vocab * dim * 4 * 3 // 2
+
+
+def loss_sweep(vocab, dim, sizes, device, autocast):
+    """The loss-memory line at several batch shapes: ours, the reference and their ratio, one line each. A
+    reference that would not fit in free memory (reference_bytes) is skipped, not crashed into."""
+    print(f"loss memory at vocab {vocab}, dim {dim}, forward + backward of sft_reduce over the per-token "
+          f"losses ({memory_measure(device)}, peak above the head's weights)")
+    for B, T in sizes:
+        _, targets = make_batch(B, T, vocab, device)
+        need, free = reference_bytes(vocab, dim, B, T), free_bytes(device)
+        if need > free:
+            ours, _ = loss_memory(vocab, dim, (B, T), targets, device, autocast, reference=False)
+            print(f"loss memory {B} x {T}: ours {ours / MB:.1f} MB, log_softmax+gather not run (needs about "
+                  f"{need / 2**30:.1f} GB, {free / 2**30:.1f} GB free)")
+            continue
+        ours, ref = loss_memory(vocab, dim, (B, T), targets, device, autocast)
+        print(f"loss memory {B} x {T}: ours {ours / MB:.1f} MB, log_softmax+gather {ref / MB:.1f} MB, "
+              f"{ours / ref:.2f}x")
 
 
 def hf_twin(model: Transformer, device):
@@ -209,6 +331,63 @@ def hf_twin(model: Transformer, device):
         model.save_pretrained(d, tokenizer_dir=d)  # tokenizer_dir=d: copy no tokenizer files
         hf = AutoModelForCausalLM.from_pretrained(d, dtype=model.embed_tokens.weight.dtype, attn_implementation="sdpa")
     return hf.to(device)
+
+
+def pair_batch(B: int, T: int, vocab: int, device, seed: int = 0):
+    """B preference pairs as train.py batches them: 2B rows, make_batch's B rows as the chosen answers, then B
+    rejected rows with the same prompts and other random answers of the same length. -> idx, targets (2B, T)."""
+    idx, targets = make_batch(B, T, vocab, device, seed)
+    other, other_targets = make_batch(B, T, vocab, device, seed + 1)
+    p = max(1, T // 3)
+    other[:, :p] = idx[:, :p]  # the shared prompt; the targets (answer tokens from position p on) stay
+    return torch.cat([idx, other]), torch.cat([targets, other_targets])
+
+
+def method_memory(model: Transformer, methods: list, B: int, T: int, device, autocast, lam: float = 0.2,
+                  gamma: float = 0.95) -> dict:
+    """Peak memory of one training step (forward, backward, RMSprop update) of each method on one model and
+    optimizer, above its weights and optimizer state: SFT and IFT on B rows, the preference baselines on B pairs
+    (2B rows: chosen then rejected; "sft 2B rows" is SFT on those same rows). DPO and TDPO also hold a frozen
+    reference, a copy of the weights made before any step (bf16 on CUDA, as train.py), reported beside it.
+    Prints one line per method and returns {method: (peak bytes, reference bytes)}."""
+    cfg = model.config
+    x, y = make_batch(B, T, cfg.vocab_size, device)
+    px, py = pair_batch(B, T, cfg.vocab_size, device)
+    ref = None
+    if any(m in baselines.REFERENCE_METHODS for m in methods):
+        ref = copy.deepcopy(model).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+        ref.requires_grad_(False).eval()
+    ref_bytes = 0 if ref is None else sum(p.numel() * p.element_size() for p in ref.parameters())
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-8)
+
+    def loss_of(method):
+        with autocast:
+            if method == "sft":
+                return ift.sft_forward(model, x, y)
+            if method == "sft 2B rows":
+                return ift.sft_forward(model, px, py)
+            if method == "ift":
+                return ift.ift_forward(model, x, y, lam, gamma)[0]
+            return baselines.pair_forward(model, ref, px, py, method)[0]
+
+    names = list(dict.fromkeys(["sft", *methods]))  # sft first: the baseline of the ratios
+    if any(m in baselines.PAIR_METHODS for m in methods):
+        names.insert(1, "sft 2B rows")
+    steps = {m: train_step(partial(loss_of, m), optimizer) for m in names}
+    for step in steps.values():  # warm-up: optimizer state and lazily created library state are not the step's
+        step()
+    peaks = {m: peak_memory(steps[m], device) for m in names}
+    print(f"method memory: one training step, {B} rows (sft, ift) or {B} pairs = {2 * B} rows (the rest) of {T} "
+          f"tokens; peak above the weights and optimizer state; reference weights held besides by dpo/tdpo")
+    out = {}
+    for m in names:
+        held = ref_bytes if m in baselines.REFERENCE_METHODS else 0
+        out[m] = (peaks[m], held)
+        rows = 2 * B if m in baselines.PAIR_METHODS or m == "sft 2B rows" else B
+        print(f"method memory {m}: {rows} rows, step peak {peaks[m] / MB:.1f} MB ({peaks[m] / peaks['sft']:.2f}x "
+              f"sft), reference weights {held / MB:.1f} MB, together {(peaks[m] + held) / MB:.1f} MB "
+              f"({(peaks[m] + held) / peaks['sft']:.2f}x sft)")
+    return out
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -230,15 +409,36 @@ def parse_args(argv=None):
     ap.add_argument("--lam", type=float, default=0.2)
     ap.add_argument("--gamma", type=float, default=0.95)
     ap.add_argument("--new_tokens", type=int, default=32, help="tokens decoded per row")
+    ap.add_argument("--compile_decode", action=argparse.BooleanOptionalAction, default=None,
+                    help="also time decode.py's compiled step (a CUDA graph on CUDA); default: on CUDA only")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="print torch.profiler's top N kernels of each training step and of one decoding step, "
+                         "and the SDPA kernel each attention call reaches; 0 = off")
     ap.add_argument("--loss_vocab", type=int, default=QWEN2_VOCAB, help="vocabulary of the loss-memory comparison")
+    ap.add_argument("--loss_sweep", action="store_true",
+                    help="only the loss-memory comparison, at each of --loss_sizes (builds no model; --dtype auto "
+                         "is bf16 autocast here, on CPU too)")
+    ap.add_argument("--loss_sizes", default="1x128,1x512,4x1024,8x2048", help="BxT batch shapes of --loss_sweep")
+    ap.add_argument("--loss_dim", type=int, default=2048,
+                    help="hidden size of --loss_sweep (2048: llama-3.2-1b's); the plain run uses the model's")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
     ap.add_argument("--peak_tflops", type=float, default=0,
                     help="the device's dense peak for MFU; 0 = look the GPU up in train.PEAK_BF16_FLOPS")
     ap.add_argument("--bandwidth", type=float, default=0,
                     help="the device's memory bandwidth in GB/s for the decoding roofline; 0 = look the GPU up")
+    ap.add_argument("--methods", nargs="+", default=[], choices=["sft", "ift", *baselines.PAIR_METHODS],
+                    help="only the peak memory of one training step of each of these methods (method_memory)")
     args = ap.parse_args(argv)
     if args.seq_len < 3 or args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
         ap.error("--seq_len >= 3, --batch_size >= 1, --steps >= 1, --warmup >= 0")
+    if args.new_tokens < 2 or args.profile < 0:
+        ap.error("--new_tokens >= 2 (decoding is timed at 1 and at N tokens), --profile >= 0")
+    try:
+        args.loss_sizes = [tuple(int(n) for n in s.split("x")) for s in args.loss_sizes.split(",")]
+        if not all(len(s) == 2 and min(s) >= 1 for s in args.loss_sizes):
+            raise ValueError
+    except ValueError:
+        ap.error(f"--loss_sizes: comma-separated BxT shapes like 1x128,4x1024, not {args.loss_sizes!r}")
     return args
 
 
@@ -251,8 +451,12 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"error: {e}")
     cuda = device.type == "cuda"
-    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and cuda)
+    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and (cuda or args.loss_sweep))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    if args.loss_sweep:
+        print(f"device: {torch.cuda.get_device_name(device) if cuda else 'cpu'}; torch {torch.__version__}"
+              f"{'; bf16 autocast' if bf16 else ''}")
+        return loss_sweep(args.loss_vocab, args.loss_dim, args.loss_sizes, device, autocast)
     torch.manual_seed(0)
     if args.init in SHAPES:
         with torch.device(device):
@@ -275,6 +479,8 @@ def main(argv=None):
     print(f"batch: {B} x {T} tokens, {n_answer} answer tokens per sequence (the rest prompt, targets -100); "
           f"{args.warmup} warm-up steps, median of {args.steps}")
     print(f"memory: {memory_measure(device)}, peak above the weights and optimizer state")
+    if args.methods:  # the per-method step memory alone: SFT, IFT and the preference baselines
+        return method_memory(model, args.methods, B, T, device, autocast, args.lam, args.gamma)
 
     # ---- training steps: SFT and IFT on one model (and optimizer), transformers' SFT on a twin
     if args.compile:
@@ -327,43 +533,64 @@ def main(argv=None):
             line += f", peak memory {peaks[k] / MB:.1f} MB"
         print(line)
 
-    # ---- decoding: greedy with the KV cache, the same prompt and number of new tokens
+    if args.profile:  # where the time of each training step goes; which attention kernel training reaches
+        for k, fn in steps.items():
+            print_profile(f"{k} step", fn, device, args.profile)
+        print(f"sdpa kernels, training step (sft, forward + backward): {sdpa_kernels(steps['sft'])}")
+
+    # ---- decoding: greedy with the KV cache, the same prompt and number of new tokens; ours eager, ours
+    # compiled (decode.py: one CUDA graph per step over a static cache) and transformers
+    model.eval()
+    if bf16:  # decode from bf16 weights, as sample.py does: autocast would re-cast fp32 weights every token
+        model.to(torch.bfloat16)
+    prompt = idx[:, :max(1, T // 3)]
+    P, n = prompt.size(1), args.new_tokens
+    decoders = {"ours eager": partial(model.generate, prompt, temperature=0, compile=False)}
+    if cuda if args.compile_decode is None else args.compile_decode:
+        decoders["ours compiled"] = partial(model.generate, prompt, temperature=0, compile=True)
     if hf is not None:
         from transformers import GenerationConfig
-        model.eval()
         hf.eval()
-        if bf16:  # decode from bf16 weights, as sample.py does: autocast would re-cast fp32 weights every token
-            model.to(torch.bfloat16)
+        if bf16:
             hf.to(torch.bfloat16)
-        prompt = idx[:, :max(1, T // 3)]
-        n = args.new_tokens
         # no eos on either side, so both decode exactly n tokens. (Not min_new_tokens: transformers then bans the
         # checkpoint's eos id, and the greedy paths part wherever eos is the top token.)
         hf.generation_config.eos_token_id = None
-        gen_cfg = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-        outs = {}
 
-        def ours_decode():
-            outs["ours"] = model.generate(prompt, n, temperature=0)
-
-        def hf_decode():
-            with torch.no_grad():
-                outs["transformers"] = hf.generate(prompt, attention_mask=torch.ones_like(prompt),
-                                                   generation_config=gen_cfg)
-
-        dsecs = median_times({"ours": ours_decode, "transformers": hf_decode}, 1, args.steps, device)
-        assert outs["ours"].shape == outs["transformers"].shape, "both must decode the same number of tokens"
-        agree = (outs["ours"][:, prompt.size(1):] == outs["transformers"][:, prompt.size(1):]).float().mean().item()
-        for k, s in dsecs.items():
-            print(f"decode {k}: {B} x {n} new tokens from a {prompt.size(1)}-token prompt, {s * 1e3:.1f} ms, "
-                  f"{B * n / s:.1f} tokens/s")
-        print(f"decode: greedy tokens identical at {agree:.1%} of positions")
-        if bandwidth:  # each step reads every weight once, for all B rows: at best B * bandwidth / bytes tokens/s
-            weight_bytes = decode_bytes(model)
-            roof = B * bandwidth / weight_bytes
-            print(f"decode roofline: {weight_bytes / 1e9:.3f} GB of weights per step at "
-                  f"{bandwidth / 1e9:.0f} GB/s -> {roof:.0f} tokens/s; ours {B * n / dsecs['ours'] / roof:.1%} of it, "
-                  f"transformers {B * n / dsecs['transformers'] / roof:.1%}")
+        @torch.no_grad()
+        def hf_decode(k):
+            gen_cfg = GenerationConfig(max_new_tokens=k, do_sample=False, eos_token_id=None, pad_token_id=0)
+            return hf.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=gen_cfg)
+        decoders["transformers"] = hf_decode
+    outs, dsecs, step_secs = decode_times(decoders, n, args.steps, device)
+    assert len({o.shape for o in outs.values()}) == 1, "all must decode the same number of tokens"
+    for k, s in dsecs.items():
+        print(f"decode {k}: {B} x {n} new tokens from a {P}-token prompt, {s * 1e3:.1f} ms, {B * n / s:.1f} "
+              f"tokens/s; {step_secs[k] * 1e3:.2f} ms per step after the prefill ({B / step_secs[k]:.1f} tokens/s)")
+    for a, b in [("ours eager", "transformers"), ("ours compiled", "ours eager")]:
+        if a in outs and b in outs:
+            agree = (outs[a][:, P:] == outs[b][:, P:]).float().mean().item()
+            print(f"decode: greedy tokens identical at {agree:.1%} of positions, {a} vs {b}")
+    if bandwidth:  # each step reads every weight once, for all B rows: at best B * bandwidth / bytes tokens/s
+        weight_bytes = decode_bytes(model)
+        roof = B * bandwidth / weight_bytes
+        shares = ", ".join(f"{k} {B / s / roof:.1%}" for k, s in step_secs.items())
+        print(f"decode roofline: {weight_bytes / 1e9:.3f} GB of weights per step at {bandwidth / 1e9:.0f} GB/s -> "
+              f"{roof:.0f} tokens/s; steps after the prefill reach {shares} of it")
+    if args.profile:  # one decoding step, and the attention kernel each kind of decoding call reaches
+        print_profile("decode step (eager)", one_decode_step(model, prompt), device, args.profile)
+        if "ours compiled" in decoders:
+            print_profile("decode step (compiled)", one_decode_step(model, prompt, "compiled"), device, args.profile)
+        padded = torch.ones(B, dtype=torch.long, device=device)  # one position of left padding per row
+        calls = {"prefill": lambda: model(prompt), "prefill left-padded": lambda: model(prompt, pad=padded),
+                 "decode step": one_decode_step(model, prompt),
+                 "decode step left-padded": one_decode_step(model, prompt, pad=padded),
+                 "decode step over the static cache (the compiled step's inputs)": one_decode_step(model, prompt,
+                                                                                                  "static")}
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            for name, fn in calls.items():
+                print(f"sdpa kernels, {name}: {sdpa_kernels(fn)}")
+    if hf is not None:
         del hf, hf_run
 
     # ---- the per-token loss at a large vocabulary: ours (answer positions only, chunked) vs log_softmax + gather
@@ -379,7 +606,7 @@ def main(argv=None):
     print(f"loss peak memory vs log_softmax+gather: {ours / ref:.2f}x")
     if "transformers sft" in secs:
         print(f"train tokens/s vs transformers: {secs['transformers sft'] / secs['sft']:.2f}x")
-        print(f"decode tokens/s vs transformers: {dsecs['transformers'] / dsecs['ours']:.2f}x")
+        print(f"decode tokens/s vs transformers: {dsecs['transformers'] / dsecs['ours eager']:.2f}x")
     else:
         print(f"train tokens/s vs transformers: {skipped}")
         print(f"decode tokens/s vs transformers: {skipped}")

@@ -1,14 +1,19 @@
 """
-Does IFT beat SFT on generation? Fine-tune the same model with both methods on the same data, same steps,
-same seeds, and score every run on held-out generation (exact match of the final answer) and held-out loss,
-at several points along training.
+Does IFT beat SFT and the preference methods on generation? Fine-tune the same model with each method on the
+same prompts, steps, seeds, learning rate and data order per seed, and score every run on held-out generation
+(exact match of the final answer) and held-out loss, at several points along training.
 
-    python compare.py                                  # SmolLM2-135M on the bundled chain task, CPU
-    python compare.py --seeds 1 2 3 --steps 120 --eval_at 40 80 120 --limit 200
+    python compare.py --methods sft ift                # SmolLM2-135M on the bundled chain task, CPU
+    python compare.py --methods sft ift dpo orpo simpo tdpo --seeds 1 2 --steps 60 --eval_at 30 60
 
-Each run trains with train.py in stages (--stop_at k, then --resume: tests show this gives exactly the
-uninterrupted run) and eval.py scores the checkpoint after each stage. Writes runs/compare/results.json and
-assets/compare.png, and prints the table.
+SFT and IFT learn the chosen answer (the row's "messages"); DPO, ORPO, SimPO and TDPO take it as chosen and the
+row's "rejected" answer as rejected (make_data.py writes both). Nothing method-specific is passed: each method
+runs with train.py's defaults for its own constants (the paper's betas); flags this script does not know go
+to train.py for every method alike (e.g. --lr, --batch_size, --lam). Each run trains with train.py in stages
+(--stop_at k, then --resume: tests show this gives exactly the uninterrupted run) and eval.py scores the
+checkpoint after each stage. results.json keeps every finished stage, so a stopped comparison continues where
+it was, and it records the settings: a rerun with other settings stops rather than mixing runs. Writes
+runs/compare/results.json and assets/compare.png, and prints the table.
 """
 import argparse
 import json
@@ -23,23 +28,46 @@ import torch
 import eval as evaluation
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+METHODS = ("sft", "ift", "dpo", "orpo", "simpo", "tdpo")
+COLORS = dict(sft="tab:blue", ift="tab:red", dpo="tab:green", orpo="tab:orange", simpo="tab:purple",
+              tdpo="tab:brown")
 
 
-def run_stage(method, seed, steps, stop, out_dir, extra):
+def checkpoint_step(out_dir: str) -> int:
+    """The step of the latest checkpoint in a run's out_dir (train.py's own choice of the two), 0 for none."""
+    for name in ("checkpoint", "checkpoint.old"):
+        path = os.path.join(out_dir, name, "train_config.json")
+        if os.path.exists(path) and os.path.exists(os.path.join(out_dir, name, "resume.pt")):
+            with open(path) as f:
+                return json.load(f)["step"]
+    return 0
+
+
+def run_stage(method, seed, steps, stop, out_dir, extra) -> float:
+    """Train (or continue) one run up to step stop; seconds taken. A run already there (it was stopped while
+    being scored) is not trained again: train.py would go on past the stop."""
+    at = checkpoint_step(out_dir)
+    if at == stop:
+        return 0.0
+    if at > stop:
+        sys.exit(f"error: {out_dir} holds a checkpoint at step {at}, past the stage {stop} not yet scored; "
+                 "remove the directory to run it again")
     cmd = [sys.executable, os.path.join(HERE, "train.py"), "--method", method, "--seed", str(seed),
            "--max_steps", str(steps), "--stop_at", str(stop), "--out_dir", out_dir, "--eval_every", "0",
-           "--sample_every", "0", *extra]
-    if os.path.exists(os.path.join(out_dir, "checkpoint")):
-        cmd.append("--resume")
+           "--sample_every", "0", *extra, *(["--resume"] if at else [])]
     t0 = time.time()
-    subprocess.run(cmd, check=True)
+    if subprocess.run(cmd).returncode != 0:
+        sys.exit(f"error: train.py --method {method} --seed {seed} failed before step {stop} (its message is "
+                 f"above); finished runs are kept in {os.path.dirname(out_dir)}/results.json")
     return time.time() - t0
 
 
 def score(path, rows, args):
+    t0 = time.time()
     model, tok = evaluation.load_checkpoint(path, args.device)
-    res = evaluation.evaluate(model, tok, rows, args.max_new_tokens, args.batch_size, progress=True)
-    return {"exact_match": res["exact_match"], "loss": res["loss"], "by_group": res["by_group"]}
+    res = evaluation.evaluate(model, tok, rows, args.max_new_tokens, args.eval_batch_size, progress=True)
+    return {"exact_match": res["exact_match"], "loss": res["loss"], "by_group": res["by_group"],
+            "eval_seconds": time.time() - t0}
 
 
 def mean_std(values):
@@ -51,13 +79,17 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--init", default=os.path.join(HERE, "checkpoints", "SmolLM2-135M-Instruct"))
     ap.add_argument("--data", default=os.path.join(HERE, "data", "chain_test.jsonl"), help="held-out rows")
-    ap.add_argument("--methods", nargs="+", default=["sft", "ift"])
+    ap.add_argument("--train_data", default=os.path.join(HERE, "data", "chain_train.jsonl"),
+                    help="training rows, train.py's --data (pair methods need a 'rejected' answer per row)")
+    ap.add_argument("--methods", nargs="+", default=["sft", "ift"], choices=METHODS, metavar="METHOD",
+                    help=f"any of {' '.join(METHODS)}")
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--eval_at", nargs="+", type=int, default=[50, 100], help="steps to score (last = --steps)")
     ap.add_argument("--limit", type=int, default=100, help="held-out rows scored (0: all)")
     ap.add_argument("--max_new_tokens", type=int, default=64)
-    ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--eval_batch_size", type=int, default=16, help="prompts per generation batch when scoring "
+                    "(--batch_size goes to train.py)")
     ap.add_argument("--out_dir", default=os.path.join(HERE, "runs", "compare"))
     ap.add_argument("--device", default="auto", help="for training and scoring: auto (cuda when there is one), "
                     "cuda or cpu")
@@ -65,7 +97,37 @@ def parse_args(argv=None):
     args, train_args = ap.parse_known_args(argv)
     if sorted(args.eval_at)[-1] != args.steps:
         ap.error("the last --eval_at step must equal --steps")
+    if len(set(args.methods)) < len(args.methods) or len(set(args.seeds)) < len(args.seeds):
+        ap.error("--methods and --seeds must not repeat")
     return args, train_args
+
+
+def settings(args, train_args) -> dict:
+    """What every run in one results.json must share; methods and seeds may be added to a finished comparison."""
+    return dict(init=os.path.abspath(args.init), data=os.path.abspath(args.data),
+                train_data=os.path.abspath(args.train_data), steps=args.steps, eval_at=sorted(args.eval_at),
+                limit=args.limit, max_new_tokens=args.max_new_tokens, train_args=train_args)
+
+
+def load_results(path: str, want: dict) -> dict:
+    """Finished runs from an earlier call with the same settings; only the settings when there is none."""
+    if not os.path.exists(path):
+        return {"settings": want}
+    with open(path) as f:
+        results = json.load(f)
+    have = results.get("settings")
+    diff = [k for k in want if (have or {}).get(k) != want[k]]
+    if diff:
+        sys.exit(f"error: {path} holds runs made with other settings ({', '.join(diff)}"
+                 f"{'' if have else '; no settings recorded'}); pass another --out_dir or remove it")
+    return results
+
+
+def save_results(path: str, results: dict):
+    tmp = path + ".tmp"  # written whole, then renamed: a crash never leaves a half-written file
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -73,40 +135,50 @@ def main(argv=None):
     rows = evaluation.load_rows(args.data)[: args.limit or None]
     os.makedirs(args.out_dir, exist_ok=True)
     results_path = os.path.join(args.out_dir, "results.json")
-    results = json.load(open(results_path)) if os.path.exists(results_path) else {}  # finished runs are kept
+    results = load_results(results_path, settings(args, train_args))  # finished runs are kept
     torch.set_num_threads(os.cpu_count() or 1)
     if "base" not in results:
         results["base"] = score(args.init, rows, args)
-    for seed in args.seeds:
-        for method in args.methods:
-            key = f"{method}-seed{seed}"
-            if results.get(key, {}).get("done"):
+        save_results(results_path, results)
+    n_runs = len(args.seeds) * len(args.methods)
+    for r, (seed, method) in enumerate((s, m) for s in args.seeds for m in args.methods):
+        key = f"{method}-seed{seed}"
+        if results.get(key, {}).get("done"):
+            continue
+        out = os.path.join(args.out_dir, key)
+        run = results.setdefault(key, {"curve": [], "train_seconds": 0.0})
+        for stop in sorted(args.eval_at):
+            if any(p["step"] == stop for p in run["curve"]):
                 continue
-            out = os.path.join(args.out_dir, key)
-            run = results.setdefault(key, {"curve": [], "train_seconds": 0.0})
-            for stop in sorted(args.eval_at):
-                if any(p["step"] == stop for p in run["curve"]):
-                    continue
-                run["train_seconds"] += run_stage(method, seed, args.steps, stop, out,
-                                                  ["--init", args.init, "--device", args.device, *train_args])
-                run["curve"].append(dict(step=stop, **score(os.path.join(out, "checkpoint"), rows, args)))
-                json.dump(results, open(results_path, "w"), indent=2)
-            run["done"] = True
-            json.dump(results, open(results_path, "w"), indent=2)
+            print(f"[run {r + 1}/{n_runs}] {key}: training to step {stop} of {args.steps}, then scoring", flush=True)
+            run["train_seconds"] += run_stage(method, seed, args.steps, stop, out,
+                                              ["--init", args.init, "--data", args.train_data,
+                                               "--device", args.device, *train_args])
+            run["curve"].append(dict(step=stop, **score(os.path.join(out, "checkpoint"), rows, args)))
+            run["curve"].sort(key=lambda p: p["step"])
+            save_results(results_path, results)
+        run["done"] = True
+        save_results(results_path, results)
     report(results, args)
 
 
 def report(results, args):
+    """One row for the base model, then one per method and scored step: mean ± std over seeds of exact match and
+    held-out loss, exact match per seed, and on the last step the mean train minutes of a run."""
     base = results["base"]
     print(f"\nheld-out: {args.data} ({args.limit or 'all'} rows), {args.steps} steps, seeds {args.seeds}")
-    print(f"{'model':<8}{'exact match %':>20}{'held-out loss':>22}{'train min':>12}")
-    print(f"{'base':<8}{base['exact_match']:>20.1f}{base['loss']:>22.4f}{'':>12}")
+    print(f"{'model':<8}{'step':>6}{'exact match %':>16}{'held-out loss':>20}{'train min':>11}   exact match per seed")
+    print(f"{'base':<8}{0:>6}{base['exact_match']:>16.1f}{base['loss']:>20.4f}")
     for method in args.methods:
-        finals = [results[f"{method}-seed{s}"]["curve"][-1] for s in args.seeds]
-        em, em_sd = mean_std([f["exact_match"] for f in finals])
-        lo, lo_sd = mean_std([f["loss"] for f in finals])
-        mins = statistics.mean(results[f"{method}-seed{s}"]["train_seconds"] for s in args.seeds) / 60
-        print(f"{method.upper():<8}{f'{em:.1f} ± {em_sd:.1f}':>20}{f'{lo:.4f} ± {lo_sd:.4f}':>22}{mins:>12.1f}")
+        runs = [results[f"{method}-seed{s}"] for s in args.seeds]
+        for step in sorted(args.eval_at):
+            points = [next(p for p in run["curve"] if p["step"] == step) for run in runs]
+            em, em_sd = mean_std([p["exact_match"] for p in points])
+            lo, lo_sd = mean_std([p["loss"] for p in points])
+            mins = f"{statistics.mean(run['train_seconds'] for run in runs) / 60:.1f}" if step == args.steps else ""
+            per_seed = ", ".join(f"{p['exact_match']:.1f}" for p in points)
+            print(f"{method.upper():<8}{step:>6}{f'{em:.1f} ± {em_sd:.1f}':>16}{f'{lo:.4f} ± {lo_sd:.4f}':>20}"
+                  f"{mins:>11}   {per_seed}")
     plot(results, args)
 
 
@@ -115,10 +187,12 @@ def plot(results, args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for method, color in zip(args.methods, ["tab:blue", "tab:red", "tab:green"]):
+    steps = [0] + sorted(args.eval_at)
+    for method in args.methods:
+        color = COLORS[method]
         for ax, metric in zip(axes, ["loss", "exact_match"]):
-            steps = [0] + sorted(args.eval_at)
-            per_seed = [[results["base"][metric]] + [p[metric] for p in results[f"{method}-seed{s}"]["curve"]]
+            per_seed = [[results["base"][metric]] + [next(p[metric] for p in results[f"{method}-seed{s}"]["curve"]
+                                                          if p["step"] == step) for step in steps[1:]]
                         for s in args.seeds]
             mean = [statistics.mean(v) for v in zip(*per_seed)]
             sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*per_seed)]
@@ -130,7 +204,8 @@ def plot(results, args):
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"SFT vs IFT, {os.path.basename(args.init)}, seeds {args.seeds} (mean ± std)")
+    fig.suptitle(f"{' vs '.join(m.upper() for m in args.methods)}, {os.path.basename(args.init)}, "
+                 f"seeds {args.seeds} (mean ± std)")
     fig.tight_layout()
     os.makedirs(os.path.dirname(args.plot), exist_ok=True)
     fig.savefig(args.plot, dpi=130)

@@ -9,6 +9,11 @@ Rows may hold
   messages:          [{"role": "user" | "assistant" | "system", "content": str}, ...]  (UltraChat)
   prompt + chosen:   chosen is the target answer, a string or the whole chosen conversation (UltraFeedback)
   prompt + response: two strings
+Preference pairs (train.py --method dpo|tdpo|orpo|simpo, tokenize_pairs) add the rejected answer:
+  prompt + chosen + rejected: UltraFeedback-binarized; chosen and rejected are each the whole conversation
+                     (a list of messages ending with the answer) or the answer string
+  messages + rejected: the bundled task; messages is the chosen conversation, rejected the other answer
+                     (a string) or the whole rejected conversation
 Every problem with the data stops the run here, with the file, row and what to do, before any
 model is loaded.
 """
@@ -124,6 +129,26 @@ def to_messages(row: dict, where: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
+def to_pair(row: dict, where: str) -> tuple[list[dict], list[dict]]:
+    """One preference row -> (chosen conversation, rejected conversation). The two share everything before the
+    final assistant answer; a row where they differ there is an error."""
+    if "rejected" not in row:
+        raise DataError(f"{where}: row has no 'rejected' field; the preference methods need prompt + chosen + "
+                        f"rejected or messages + rejected (it has {sorted(row)})")
+    chosen = to_messages(row, where)  # 'messages', or 'prompt' + 'chosen'
+    rejected = row["rejected"]
+    if isinstance(rejected, str):  # the rejected answer to the chosen conversation's prompt
+        rejected = chosen[:-1] + [{"role": "assistant", "content": rejected}]
+    elif isinstance(rejected, list):
+        rejected = to_messages({"messages": rejected}, f"{where} (rejected)")
+    else:
+        raise DataError(f"{where}: 'rejected' must be a string or a list of messages, got {type(rejected).__name__}")
+    if rejected[:-1] != chosen[:-1]:
+        raise DataError(f"{where}: the chosen and rejected conversations differ before the final answer; "
+                        "a pair must share its prompt")
+    return chosen, rejected
+
+
 def truncate(ids: list[int], mask: list[int], max_length: int):
     """Fit max_length tokens: keep the start of the answer, cut the prompt from the left."""
     if len(ids) <= max_length:
@@ -151,12 +176,46 @@ def tokenize_sources(sources: str, tokenizer_dir: str, max_length: int, learn: s
                 for ids, mask in zip(ds["ids"], ds["mask"]) if any(mask[1:])]
     # a token is learned when it is predicted: position t learns ids[t + 1] if mask[t + 1]
     dropped = len(ds) - len(examples)
+    # truncation always keeps one answer token, so these are empty answers whose turn ends without an
+    # end-of-turn token, or answers the chat template leaves out
     if not examples:
-        raise DataError(f"{sources}: no example has an answer token left after truncation to {max_length} tokens")
+        raise DataError(f"{sources}: no example has an answer token to learn (empty answers with no end-of-turn "
+                        "token after them, or a chat template that leaves the answer out)")
     if dropped:
-        log(f"data: dropped {dropped} of {len(ds)} examples with no answer tokens left after truncation "
-            f"to {max_length} tokens")
+        log(f"data: dropped {dropped} of {len(ds)} examples with no answer token to learn (an empty answer with no "
+            "end-of-turn token after it, or one the chat template leaves out)")
     return examples
+
+
+def tokenize_pairs(sources: str, tokenizer_dir: str, max_length: int, learn: str = "last", seed: int = 0,
+                   num_proc: int = 1, log=print):
+    """'src1,src2,...' of preference rows -> list of (chosen, rejected) pairs, each side an (ids, mask) example
+    as tokenize_sources makes them, truncated on its own. Every row is validated before anything is tokenized;
+    pairs with a side left without answer tokens are dropped and counted."""
+    import datasets
+    chosen, rejected = [], []
+    for source in [s.strip() for s in sources.split(",") if s.strip()]:
+        for i, row in enumerate(read_rows(source, seed)):
+            c, r = to_pair(row, f"{source} row {i + 1}")
+            chosen.append(c)
+            rejected.append(r)
+    ds = datasets.Dataset.from_dict({"chosen": chosen, "rejected": rejected})
+    ds = ds.map(_tokenize_pair, fn_kwargs=dict(tokenizer_dir=tokenizer_dir, max_length=max_length, learn=learn),
+                remove_columns=["chosen", "rejected"], num_proc=num_proc if num_proc > 1 else None,
+                desc="tokenizing pairs", load_from_cache_file=False)
+    pairs = []
+    for c_ids, c_mask, r_ids, r_mask in zip(ds["c_ids"], ds["c_mask"], ds["r_ids"], ds["r_mask"]):
+        if any(c_mask[1:]) and any(r_mask[1:]):  # as in tokenize_sources: the first token is never predicted
+            pairs.append(((np.array(c_ids, dtype=np.int32), np.array(c_mask, dtype=np.bool_)),
+                          (np.array(r_ids, dtype=np.int32), np.array(r_mask, dtype=np.bool_))))
+    dropped = len(ds) - len(pairs)
+    if not pairs:
+        raise DataError(f"{sources}: no pair has answer tokens left on both sides after truncation to "
+                        f"{max_length} tokens")
+    if dropped:
+        log(f"data: dropped {dropped} of {len(ds)} pairs with a side left without answer tokens after truncation "
+            f"to {max_length} tokens")
+    return pairs
 
 
 _tokenizers = {}
@@ -168,6 +227,12 @@ def _tokenize(row, tokenizer_dir, max_length, learn):
         _tokenizers[tokenizer_dir] = Tokenizer.from_pretrained(tokenizer_dir)
     ids, mask = truncate(*_tokenizers[tokenizer_dir].encode_chat(row["messages"], learn=learn), max_length)
     return {"ids": ids, "mask": mask}
+
+
+def _tokenize_pair(row, tokenizer_dir, max_length, learn):
+    c = _tokenize({"messages": row["chosen"]}, tokenizer_dir, max_length, learn)
+    r = _tokenize({"messages": row["rejected"]}, tokenizer_dir, max_length, learn)
+    return {"c_ids": c["ids"], "c_mask": c["mask"], "r_ids": r["ids"], "r_mask": r["mask"]}
 
 
 def collate(examples, pad_id: int = 0):

@@ -41,6 +41,7 @@ class EvalConfig:
     limit: int = 0                            # first N rows of each data set; 0 = all
     out: str = ""                             # JSON file for metrics and per-example predictions
     device: str = "auto"                      # cuda when there is one (bf16 weights), else cpu (float32)
+    compile_decode: bool | None = None        # one compiled decoding step (CUDA graph); None: on CUDA only
 
 
 # -----------------------------------------------------------------------------
@@ -112,9 +113,10 @@ def load_gsm8k(path: str) -> list:
 
 @torch.no_grad()
 def generate_texts(model, tok, prompts: list, max_new_tokens: int = 128, batch_size: int = 16,
-                   progress: bool = False) -> list:
+                   progress: bool = False, compile: bool | None = None) -> list:
     """Greedy continuations of token-id prompts, decoded up to (not including) the first eos. Prompts are
-    batched in length order, left-padded, with the padding masked (model.generate's pad)."""
+    batched in length order, left-padded, with the padding masked (model.generate's pad). compile: decode with
+    one compiled step over a static cache (decode.py; the same tokens); None = on CUDA only."""
     device = model.embed_tokens.weight.device
     eos = set(tok.eos_ids)
     texts = [None] * len(prompts)
@@ -125,7 +127,7 @@ def generate_texts(model, tok, prompts: list, max_new_tokens: int = 128, batch_s
         T = max(len(prompts[i]) for i in b)
         pad = torch.tensor([T - len(prompts[i]) for i in b], device=device)
         idx = torch.tensor([[0] * (T - len(prompts[i])) + list(prompts[i]) for i in b], device=device)
-        new = model.generate(idx, max_new_tokens, temperature=0, eos_ids=tok.eos_ids, pad=pad)[:, T:]
+        new = model.generate(idx, max_new_tokens, temperature=0, eos_ids=tok.eos_ids, pad=pad, compile=compile)[:, T:]
         for i, ids in zip(b, new.tolist()):
             end = next((k for k, t in enumerate(ids) if t in eos), len(ids))
             texts[i] = tok.decode(ids[:end])
@@ -160,7 +162,7 @@ def answer_losses(model, tok, rows: list, batch_size: int = 16, progress: bool =
 
 
 def evaluate(model, tok, rows: list, max_new_tokens: int = 128, batch_size: int = 16, generate: bool = True,
-             loss: bool = True, progress: bool = False) -> dict:
+             loss: bool = True, progress: bool = False, compile_decode: bool | None = None) -> dict:
     """Exact match (%) of greedy answers and the held-out loss over rows (chat rows with an "answer").
     Runs under the caller's autocast, if any; restores model.train() if it was training.
     Returns {"n", "exact_match", "loss", "seconds", "by_group", "predictions": [...]}."""
@@ -179,7 +181,7 @@ def evaluate(model, tok, rows: list, max_new_tokens: int = 128, batch_size: int 
     if generate:
         # the prompt is every turn before the final assistant turn
         prompts = [tok.encode_chat(r["messages"][:-1], add_generation_prompt=True)[0] for r in rows]
-        texts = generate_texts(model, tok, prompts, max_new_tokens, batch_size, progress)
+        texts = generate_texts(model, tok, prompts, max_new_tokens, batch_size, progress, compile_decode)
         for p, text in zip(preds, texts):
             p.update(output=text, extracted=extract_answer(text))
             p["correct"] = p["extracted"] == normalize(p["answer"])
@@ -238,6 +240,8 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=d.limit, help="first N rows of each data set (0: all)")
     p.add_argument("--out", default=d.out, help="write metrics and per-example predictions to this JSON file")
     p.add_argument("--device", default=d.device, help="auto (cuda when there is one), cuda (bf16 weights) or cpu")
+    p.add_argument("--compile_decode", action=argparse.BooleanOptionalAction, default=d.compile_decode,
+                   help="decode with one compiled step (CUDA graph) over a static cache; default: on CUDA only")
     cfg = EvalConfig(**vars(p.parse_args(argv)))
 
     # check every path before the first (slow) checkpoint runs
@@ -267,7 +271,8 @@ def main(argv=None):
             sys.exit(f"eval.py: {e}")
         for data_name, rows in sets:
             print(f"{name}: {data_name} ({len(rows)} rows)")
-            res = evaluate(model, tok, rows, cfg.max_new_tokens, cfg.batch_size, progress=True)
+            res = evaluate(model, tok, rows, cfg.max_new_tokens, cfg.batch_size, progress=True,
+                           compile_decode=cfg.compile_decode)
             results.append(dict(name=name, checkpoint=path, data=data_name, **res))
         del model
     print_table(results)

@@ -1,7 +1,8 @@
 """
 The paper's explainable toy (Hua et al. 2025, Sec. 5.3 and Fig. 3), reproduced on Gymnasium's FrozenLake:
 SFT, IFT, DPO and ORPO fine-tune the same small policy network, and we watch how far each one's
-state-action matrix stays from the optimal policy's. All four losses are the ones in ift.py.
+state-action matrix stays from the optimal policy's. The losses are ift.py's (SFT, IFT) and baselines.py's
+(DPO, ORPO).
 
     python frozen_lake.py                       # 5 seeds x 300 steps, about 15 s on one CPU core
     python frozen_lake.py --seeds 10 --lr 1e-2
@@ -48,6 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import baselines
 import ift
 
 MAP = ["FFFFF",
@@ -142,14 +144,15 @@ def make_losses(nxt, n_states, opt_s, opt_a, pair_s, pair_a, lam, gamma, beta_dp
         return ift.ift_loss(policy(e), opt_a, gamma)
 
     def dpo(policy, ref):
-        lp, _ = ift.answer_logps(policy(onehot(pair_s)), pair_a)  # summed log-probs (2,): chosen, rejected
+        lp, _ = baselines.answer_logps(policy(onehot(pair_s)), pair_a)  # summed log-probs (2,): chosen, rejected
         with torch.no_grad():
-            rp, _ = ift.answer_logps(ref(onehot(pair_s)), pair_a)
-        return ift.dpo_loss(lp[:1], lp[1:], rp[:1], rp[1:], beta_dpo)
+            rp, _ = baselines.answer_logps(ref(onehot(pair_s)), pair_a)
+        return baselines.dpo_loss(lp[:1], lp[1:], rp[:1], rp[1:], beta_dpo)[0]
 
     def orpo(policy, ref):
-        _, avg = ift.answer_logps(policy(onehot(pair_s)), pair_a)  # per-token averages (2,)
-        return ift.orpo_loss(avg[:1], avg[1:], beta_orpo)
+        lp, n = baselines.answer_logps(policy(onehot(pair_s)), pair_a)
+        avg = lp / n  # per-token averages (2,)
+        return baselines.orpo_loss(avg[:1], avg[1:], beta_orpo)[0]
 
     return {"SFT": sft, "IFT": ift_, "DPO": dpo, "ORPO": orpo}
 

@@ -16,7 +16,6 @@ Where the released training code differs from the typeset paper we follow the co
 produced the paper's tables; each such place says so. Targets use -100 (IGNORE) for positions
 that are not learned; targets[:, t] is what position t predicts.
 """
-import math
 from functools import partial
 
 import torch
@@ -28,6 +27,9 @@ IGNORE = -100
 # answer positions per output-projection chunk: one (CHUNK, V) float32 block at a time (156 MB at V = 152k),
 # whatever the batch; fewer rows per matmul cost no measurable time (bench.py)
 CHUNK = 256
+# the loss's backward walks the output projection W (V, dim) in this many row slices: it holds one slice in the
+# autocast dtype (never all of W) and each block of logits against it may span CHUNK * SLICES answer positions
+SLICES = 16
 
 
 # -------------------------------------------------------------------------------------------------
@@ -42,9 +44,10 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return nll.view(B, T)
 
 
-def n_empty(targets: torch.Tensor) -> int:
-    """Sequences with no answer token: the reductions drop them from the batch mean."""
-    return int(((targets != IGNORE).sum(1) == 0).sum())
+def n_empty(targets: torch.Tensor) -> torch.Tensor:
+    """Sequences with no answer token: the reductions drop them from the batch mean. A 0-d tensor on targets'
+    device: an int would make the CPU wait for a GPU."""
+    return ((targets != IGNORE).sum(1) == 0).sum()
 
 
 def _mean_over_sequences(per_seq: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -90,13 +93,18 @@ def propagation_weights(nll: torch.Tensor, mask: torch.Tensor, gamma: float) -> 
     return m * G * n / torch.where(S > 0, S, 1)
 
 
-def ift_reduce(nll: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+def ift_reduce(nll: torch.Tensor, mask: torch.Tensor, gamma: float,
+               propagation: tuple[str, str, str] = ("loss", "left", "L1")) -> torch.Tensor:
     """IFT: L_seq = sum_t m[t] l[t] w[t] / n, then the mean over sequences.
     gamma = 0 means no propagation, w = 1 (the released code special-cases it the same way; the
-    formula itself would give w proportional to l), so IFT's reduction is SFT's, bit for bit."""
+    formula itself would give w proportional to l), so IFT's reduction is SFT's, bit for bit.
+    propagation = (item, side, norm) other than the default picks a released-code variant (below)."""
     if gamma == 0:
         return sft_reduce(nll, mask)
-    w = propagation_weights(nll, mask, gamma)
+    if propagation != ("loss", "left", "L1"):
+        w = propagation_variant(nll, mask, gamma, *propagation)
+    else:
+        w = propagation_weights(nll, mask, gamma)
     n = mask.sum(1)
     per_seq = (torch.where(mask, nll, 0) * w).sum(1) / n.clamp(min=1)
     return _mean_over_sequences(per_seq, n)
@@ -113,85 +121,203 @@ def ift_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float) -> torch
 
 
 # -------------------------------------------------------------------------------------------------
+# the released code's propagation variants (train.py --propagation, --propagation_side, --propagation_norm).
+# Not in the paper; the default ("loss", "left", "L1") is propagation_weights above and stays on that path.
+
+SHARPEN = {"L1": lambda x: x, "L2": torch.square, "softmax": lambda x: x.softmax(1), "log": torch.log1p}
+
+
+def _inverse(x: torch.Tensor) -> torch.Tensor:
+    # 1/x, and 0 where x = 0; the inner where keeps inf out of the graph, so its gradient has no NaN
+    return torch.where(x > 0, 1 / torch.where(x > 0, x, 1), 0)
+
+
+def propagation_variant(nll: torch.Tensor, mask: torch.Tensor, gamma: float, item: str = "loss",
+                        side: str = "left", norm: str = "L1") -> torch.Tensor:
+    """Propagation weights as the released code's options define them, nll, mask (B, T) -> w (B, T), per sequence:
+        c[t] = m[t] * {"mask": 1, "loss": l[t] / n, "logps": l[t]}[item]           (l = -log p, with gradient)
+        left:  G[t] = sum_{i>=t} gamma^(i-t) c[i], 0 off the answer;
+               L1: G, L2: G^2, softmax: softmax of G over all T positions (the 0s take part), log: log(G + 1)
+        right: P[t] = sum_{i<=t} gamma^(t-i) c[i], 1e6 off the answer, plus the smallest nonzero P of the batch;
+               L1: 1/P, L2: 1/P^2, softmax: softmax of 1/P over all T positions, log: 1/log(P + 1)
+        w[t] = m[t] v[t] n / sum_j m[j] v[j] for the sharpened v (0 where that sum is 0: an empty answer, or
+        zero loss everywhere), not detached. gamma = 0 gives w = m (no propagation). At the default it equals
+        propagation_weights bit for bit (tests/test_ift_variants.py)."""
+    if item not in ("mask", "loss", "logps") or side not in ("left", "right") or norm not in SHARPEN:
+        raise ValueError(f"unknown propagation variant {(item, side, norm)}")
+    m = mask.to(nll.dtype)
+    n = m.sum(1, keepdim=True)  # (B, 1)
+    if gamma == 0:
+        return m
+    c = {"mask": m, "loss": nll / n.clamp(min=1), "logps": nll}[item]
+    c = torch.where(mask, c, 0)  # (B, T)
+    with torch.autocast(nll.device.type, enabled=False):  # a bf16 matmul would blur the weights
+        D = discount_matrix(nll.size(1), gamma, nll.dtype, nll.device)  # (T, T), D[i, t] = gamma^(i-t), i >= t
+        if side == "left":
+            G = torch.where(mask, c @ D, 0)  # discounted suffix sums
+            v = SHARPEN[norm](G)
+        else:
+            P = torch.where(mask, c @ D.T, 1e6)  # discounted prefix sums
+            # the released code shifts P by the smallest nonzero entry of the whole (B, T) tensor, so one
+            # sequence's weights depend on the others' (a quirk we keep); no shift when there is none
+            low = torch.where(P != 0, P, torch.inf).amin()
+            P = P + torch.where(low < torch.inf, low, 0)
+            v = SHARPEN[norm](_inverse(P)) if norm == "softmax" else _inverse(SHARPEN[norm](P))
+    v = torch.where(mask, v, 0)
+    S = v.sum(1, keepdim=True)  # (B, 1)
+    return v * n / torch.where(S > 0, S, 1)
+
+
+# -------------------------------------------------------------------------------------------------
 # the same from final hidden states, through the model's head= hook: only answer positions reach
 # the output projection, a chunk at a time, so no (B, T, V) tensor is ever made
+
+def answer_index(targets: torch.Tensor) -> torch.Tensor:
+    """targets (B, T) -> the flat indices (N,) of its answer positions, row by row (the order of h[mask]).
+    Its length N is a size, so it is read where targets lives: on a GPU that waits for the GPU. Build it with
+    the batch on the CPU and move it along (train.py does), and the loss path never waits."""
+    return (targets.flatten() != IGNORE).nonzero().squeeze(1)
+
+
+def _place(values: torch.Tensor, answer: torch.Tensor, targets: torch.Tensor, fill=0) -> torch.Tensor:
+    # values (N,) back at the answer positions of a (B, T) tensor, fill elsewhere; differentiable in values
+    out = torch.full((targets.numel(),), fill, dtype=values.dtype, device=values.device)
+    return out.index_put((answer,), values).view(targets.shape)
+
 
 def _chunk_nll(lm_head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(lm_head(h).float(), y, reduction="none")  # (c, V) logits live only in here
 
 
+def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+    # out += a @ b in place: inside the matmul when the dtypes agree, else through a @ b's temporary
+    out.addmm_(a, b) if a.dtype == out.dtype else out.add_(a @ b)
+
+
 class _ChunkedNLL(torch.autograd.Function):
-    """l = cross_entropy(hs @ W.T, ys) for hs (N, dim), W (V, dim), ys (N,), a chunk of rows at a time, with
-    the backward written out: d l[i] / d logits[i] = softmax(logits[i]) - onehot(ys[i]). Backward recomputes a
-    chunk's logits, turns them into that gradient in place and accumulates W's gradient in one buffer, so it
-    holds one (chunk, V) float32 block and one W-sized gradient; autograd through checkpointed chunks held
-    three blocks (log_softmax, its gradient, the logits' gradient) and a second W-sized buffer to accumulate
-    into. Under autocast the matmuls run in the autocast dtype, as autograd's would."""
+    """l = cross_entropy(hs @ W.T, ys) for hs (N, dim), W (V, dim), ys (N,), with the backward written out:
+    d l[i] / d logits[i] = softmax(logits[i]) - onehot(ys[i]). Forward takes a chunk of rows at a time against
+    all of W and keeps each row's log-sum-exp. Backward recomputes the logits against one slice of W's rows at
+    a time (SLICES of them), a block of up to chunk * V / slice rows, and turns them into that gradient in
+    place with the saved log-sum-exp. So besides W's gradient it holds one slice of W in the autocast dtype and
+    one block no bigger than forward's (chunk, V) one, and it writes each slice's gradient once per block, not
+    once per chunk; autograd would hold a bf16 copy of all of W and a bf16 gradient of it too (reference_nll in
+    bench.py: 1.5 W-sized float32 buffers). Under autocast the matmuls run in the autocast dtype, as autograd's
+    would."""
 
     @staticmethod
     def forward(ctx, hs, weight, ys, chunk):
-        parts, ctx.dtype = [], weight.dtype
+        parts, lses, ctx.dtype = [], [], weight.dtype
         for hc, yc in zip(hs.split(chunk), ys.split(chunk)):
             z = F.linear(hc, weight)  # (c, V); the same op as lm_head(hc), so the same bits as chunked_guess's
             ctx.dtype = z.dtype       # the autocast dtype when autocast is on
-            parts.append(F.cross_entropy(z.float(), yc, reduction="none"))
-        ctx.save_for_backward(hs, weight, ys)
+            z = z.float()
+            parts.append(F.cross_entropy(z, yc, reduction="none"))
+            lses.append(parts[-1] + z.gather(1, yc[:, None])[:, 0])  # log sum exp z = l + z[y], to rounding
+        empty = hs.new_zeros(0, dtype=torch.float32)
+        ctx.save_for_backward(hs, weight, ys, torch.cat(lses) if lses else empty)
         ctx.chunk = chunk
-        return torch.cat(parts) if parts else hs.new_zeros(0, dtype=torch.float32)
+        return torch.cat(parts) if parts else empty
 
     @staticmethod
     def backward(ctx, grad):  # grad (N,): d loss / d l
-        hs, weight, ys = ctx.saved_tensors
-        w = weight.to(ctx.dtype)
-        grad_h = torch.empty_like(hs) if ctx.needs_input_grad[0] else None
+        hs, weight, ys, lse = ctx.saved_tensors
+        V = weight.size(0)
+        step = -(-V // SLICES)  # rows of W per slice
+        rows = max(1, ctx.chunk * V // step)  # rows of hs per block: (rows, step) no bigger than (chunk, V)
+        hb = hs.to(ctx.dtype)
+        # h's gradient sums over the slices: in float32, then hs' dtype
+        grad_h = hs.new_zeros(hs.shape, dtype=torch.float32) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        for i in range(0, hs.size(0), ctx.chunk):
-            hc = hs[i:i + ctx.chunk].to(ctx.dtype)
-            yc, gc = ys[i:i + ctx.chunk], grad[i:i + ctx.chunk]
-            z = F.linear(hc, w).float()  # (c, V) recomputed logits, then in place: softmax, - onehot, * grad
-            z.sub_(z.logsumexp(-1, keepdim=True)).exp_()
-            z[torch.arange(len(yc), device=z.device), yc] -= 1
-            z = z.mul_(gc[:, None]).to(ctx.dtype)
-            if grad_h is not None:
-                grad_h[i:i + ctx.chunk] = z @ w
-            if grad_w is not None:  # in place: no second W-sized buffer (under autocast, a half-size one)
-                grad_w.addmm_(z.t(), hc) if z.dtype == grad_w.dtype else grad_w.add_(z.t() @ hc)
-        return grad_h, grad_w, None, None
+        for v0 in range(0, V, step):
+            w = weight[v0:v0 + step].to(ctx.dtype)  # (s, dim); a view when there is nothing to cast
+            for i in range(0, hs.size(0), rows):
+                hc, yc, gc, lc = (t[i:i + rows] for t in (hb, ys, grad, lse))
+                z = F.linear(hc, w).float()  # (c, s) logits, then in place: softmax, - onehot, * grad
+                z.sub_(lc[:, None]).exp_()
+                col = yc - v0  # the target's column, for rows whose target lies in this slice
+                hit = (col >= 0) & (col < z.size(1))
+                z[torch.arange(len(yc), device=z.device), col.clamp(0, z.size(1) - 1)] -= hit.float()
+                z = z.mul_(gc[:, None]).to(ctx.dtype)
+                if grad_h is not None:
+                    _accumulate(grad_h[i:i + rows], z, w)
+                if grad_w is not None:
+                    _accumulate(grad_w[v0:v0 + step], z.t(), hc)
+        return None if grad_h is None else grad_h.to(hs.dtype), grad_w, None, None
 
 
 def chunked_nll(h: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor,
-                chunk: int = CHUNK) -> torch.Tensor:
+                chunk: int = CHUNK, answer: torch.Tensor | None = None) -> torch.Tensor:
     """h (B, T, dim) final-norm hidden states -> l (B, T) float32, 0 where ignored; same values as
     token_nll(lm_head(h), targets). No chunk's logits stay saved for backward: they are recomputed there
-    (one extra output projection), by _ChunkedNLL for a plain bias-free linear head, else by checkpointing."""
-    mask = targets != IGNORE
-    hs, ys = h[mask], targets[mask]  # (N, dim), (N,): answer positions only
+    (one extra output projection), by _ChunkedNLL for a plain bias-free linear head, else by checkpointing.
+    answer = answer_index(targets), when given, spares the look at targets that waits for a GPU."""
+    answer = answer_index(targets) if answer is None else answer
+    hs, ys = h.flatten(0, 1)[answer], targets.flatten()[answer]  # (N, dim), (N,): answer positions only
     if torch.is_grad_enabled() and isinstance(lm_head, nn.Linear) and lm_head.bias is None:
-        nll = _ChunkedNLL.apply(hs, lm_head.weight, ys, chunk)
-        return h.new_zeros(targets.shape, dtype=torch.float32).masked_scatter(mask, nll)
+        return _place(_ChunkedNLL.apply(hs, lm_head.weight, ys, chunk), answer, targets)
     parts = []
     for hc, yc in zip(hs.split(chunk), ys.split(chunk)):  # an empty batch still gives one empty chunk
         if torch.is_grad_enabled():
             parts.append(checkpoint(_chunk_nll, lm_head, hc, yc, use_reentrant=False))
         else:
             parts.append(_chunk_nll(lm_head, hc, yc))
-    return h.new_zeros(targets.shape, dtype=torch.float32).masked_scatter(mask, torch.cat(parts))
+    return _place(torch.cat(parts), answer, targets)
 
 
 @torch.no_grad()
 def chunked_guess(h: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor,
-                  chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                  chunk: int = CHUNK, guess=None, answer: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy guesses and their (detached) NLL from one chunked projection: h (B, T, dim) ->
-    g (B, T) argmax ids at answer positions (IGNORE elsewhere: never read), l (B, T) float32."""
-    mask = targets != IGNORE
-    hs, ys = h[mask], targets[mask]
+    g (B, T) argmax ids at answer positions (IGNORE elsewhere: never read), l (B, T) float32.
+    guess, when given, picks the ids from each chunk's logits instead of argmax (guess_picker); answer as in
+    chunked_nll."""
+    answer = answer_index(targets) if answer is None else answer
+    hs, ys = h.flatten(0, 1)[answer], targets.flatten()[answer]
     guesses, nlls = [], []
     for hc, yc in zip(hs.split(chunk), ys.split(chunk)):
         z = lm_head(hc).float()  # (c, V)
-        guesses.append(z.argmax(-1))
+        guesses.append(z.argmax(-1) if guess is None else guess(z))
         nlls.append(F.cross_entropy(z, yc, reduction="none"))
-    g = torch.full_like(targets, IGNORE).masked_scatter(mask, torch.cat(guesses))
-    return g, h.new_zeros(targets.shape, dtype=torch.float32).masked_scatter(mask, torch.cat(nlls))
+    return _place(torch.cat(guesses), answer, targets, IGNORE), _place(torch.cat(nlls), answer, targets)
+
+
+# -------------------------------------------------------------------------------------------------
+# the released code's other guess modes (train.py --guess). Greedy (chunked_guess's argmax) is the paper's and
+# the default. A picker maps one chunk's logits z (c, V) float32 to ids (c,).
+
+def kth_most_likely(z: torch.Tensor, k: int = 2) -> torch.Tensor:
+    """--guess topk: deterministically the k-th most likely token of each row, not a sample (k = 1: greedy)."""
+    return z.topk(k, dim=-1).indices[:, -1]
+
+
+def sample_at_temperature(z: torch.Tensor, temperature: float = 0.7, generator=None) -> torch.Tensor:
+    """--guess sample: one draw from softmax(z / temperature) per row (the released code calls this mode
+    "nucleus", though it makes no top-p cut), by inverting the cumulative distribution at a uniform draw u:
+    the first token whose cumulative sum exceeds u. The sum runs in float64 so that rare tokens keep their
+    share at V = 152k; torch.multinomial draws from the same distribution but is slower on CPU."""
+    cdf = (z / temperature).softmax(-1).double().cumsum(-1)  # (c, V)
+    u = torch.rand(z.size(0), 1, generator=generator, dtype=torch.float64, device=z.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=z.size(1) - 1)
+
+
+def guess_picker(mode: str = "greedy", k: int = 2, temperature: float = 0.7, key: tuple[int, ...] = (0,),
+                 device="cpu"):
+    """The guess= argument of ift_forward for --guess greedy | topk | sample: None (argmax) or a picker.
+    Samples come from their own generator seeded by key (train.py: seed, step, micro-batch of the step), so
+    they touch no other randomness and a resumed run draws the same guesses as an uninterrupted one."""
+    if mode == "greedy":
+        return None
+    if mode == "topk":
+        return partial(kth_most_likely, k=k)
+    if mode != "sample":
+        raise ValueError(f"unknown guess mode {mode!r}")
+    seed = 0
+    for part in key:  # into 32 bits: the CPU generator keeps only 32 bits of its seed
+        seed = (seed * 0x9E3779B1 + part + 1) % 2**32
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return partial(sample_at_temperature, temperature=temperature, generator=generator)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -199,19 +325,21 @@ def chunked_guess(h: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor,
 # propagation-weighted average after it
 
 def sft_forward(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor,
-                chunk: int = CHUNK) -> torch.Tensor:
-    """SFT loss of model on idx (B, T) with targets (B, T)."""
-    nll = model(idx, head=partial(chunked_nll, targets=targets, chunk=chunk))  # (B, T)
+                chunk: int = CHUNK, answer: torch.Tensor | None = None) -> torch.Tensor:
+    """SFT loss of model on idx (B, T) with targets (B, T); answer = answer_index(targets), optional (chunked_nll)."""
+    nll = model(idx, head=partial(chunked_nll, targets=targets, chunk=chunk, answer=answer))  # (B, T)
     return sft_reduce(nll, targets != IGNORE)
 
 
 @torch.no_grad()
 def infer_one_step_ahead(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor,
-                         chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                         chunk: int = CHUNK, guess=None, answer: torch.Tensor | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """IFT step 1, inference one step ahead (Alg. 1 lines 2-6): z = f(E(x)) on the ground-truth
-    prefix without gradient, g[t] = argmax z[t] (greedy, the released code's default; it also
-    offers sampling). Keeps only g and the detached NLL (the SFT loss, for logging), never logits."""
-    return model(idx, head=partial(chunked_guess, targets=targets, chunk=chunk))
+    prefix without gradient, g[t] = argmax z[t] (greedy, the released code's default; guess =
+    guess_picker(...) takes its other modes). Keeps only g and the detached NLL (the SFT loss, for
+    logging), never logits."""
+    return model(idx, head=partial(chunked_guess, targets=targets, chunk=chunk, guess=guess, answer=answer))
 
 
 def guess_inputs(idx: torch.Tensor, targets: torch.Tensor, guesses: torch.Tensor) -> torch.Tensor:
@@ -224,12 +352,15 @@ def guess_inputs(idx: torch.Tensor, targets: torch.Tensor, guesses: torch.Tensor
 
 
 def ift_forward(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, lam: float, gamma: float,
-                chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor, int]:
+                chunk: int = CHUNK, guess=None, propagation: tuple[str, str, str] = ("loss", "left", "L1"),
+                answer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """IFT loss of model on idx (B, T) with targets (B, T) -> (loss, first-pass SFT loss (detached,
-    for logging), number of sequences dropped for having no answer token)."""
+    for logging), number of sequences dropped for having no answer token (n_empty)). guess and propagation pick
+    the released code's other modes (guess_picker, propagation_variant); the defaults are the paper's.
+    answer = answer_index(targets) built on the CPU keeps the step free of waits for a GPU (chunked_nll)."""
     mask = targets != IGNORE
     # step 1: inference one step ahead (Alg. 1 lines 2-6), no graph, only argmax ids are kept
-    guesses, first_nll = infer_one_step_ahead(model, idx, targets, chunk)
+    guesses, first_nll = infer_one_step_ahead(model, idx, targets, chunk, guess=guess, answer=answer)
     # step 2: temporal residual connection (Eq. 17, Alg. 1 lines 7-13): blend the true tokens'
     # embeddings with the guesses'. The released code embeds both with a frozen copy of E refreshed
     # after each optimizer step (so E gets no gradient through e); we use the live table, the natural
@@ -240,9 +371,9 @@ def ift_forward(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, lam:
     def blend(E):  # (B, T, dim); the model applies it to its own table inside forward (gathered under FSDP)
         return (1 - lam) * E(idx) + lam * E(xh)
 
-    nll = model(embed=blend, head=partial(chunked_nll, targets=targets, chunk=chunk))  # (B, T), with grad
+    nll = model(embed=blend, head=partial(chunked_nll, targets=targets, chunk=chunk, answer=answer))  # with grad
     # step 3: dynamic relation propagation (Sec. 4.2, Alg. 1 lines 14-18), then the mean over sequences
-    return ift_reduce(nll, mask, gamma), sft_reduce(first_nll, mask), n_empty(targets)
+    return ift_reduce(nll, mask, gamma, propagation), sft_reduce(first_nll, mask), n_empty(targets)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -265,36 +396,3 @@ def lam_at(step: int, lam: float, schedule: str = "constant", lam_min: float = 0
         eps = torch.randn((), generator=gen, dtype=torch.float64).item()
         lam = lam * (1 + sigma * eps)
     return min(max(lam, 0.0), 1.0)
-
-
-# -------------------------------------------------------------------------------------------------
-# the preference baselines of the paper's comparisons, on per-sequence answer log-probs
-
-def answer_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (B, T, V), targets (B, T) -> summed (B,) and per-token averaged (B,) answer log-probs."""
-    mask = targets != IGNORE
-    total = -token_nll(logits, targets).sum(1)  # ignored positions hold 0
-    return total, total / mask.sum(1).clamp(min=1)
-
-
-def dpo_loss(lc: torch.Tensor, lr: torch.Tensor, refc: torch.Tensor, refr: torch.Tensor,
-             beta: float = 0.1) -> torch.Tensor:
-    """DPO: -log sigmoid(beta * ((lc - lr) - (refc - refr))) on summed log-probs of the chosen and
-    rejected answers under the policy (lc, lr) and a frozen reference (refc, refr); mean over (B,)."""
-    return -F.logsigmoid(beta * ((lc - lr) - (refc - refr))).mean()
-
-
-def log1mexp(a: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(a)) for a < 0, accurate at both ends (Maechler 2012): expm1 near 0, log1p far.
-    Each branch only sees inputs where it is finite: the branch torch.where drops gets no NaN gradient."""
-    near = a > -math.log(2)
-    far = torch.log1p(-torch.exp(a.clamp(max=-math.log(2))))
-    return torch.where(near, torch.log(-torch.expm1(a)), far)
-
-
-def orpo_loss(ac: torch.Tensor, ar: torch.Tensor, beta: float = 0.25) -> torch.Tensor:
-    """ORPO on per-token average log-probs ac, ar (B,) of the chosen / rejected answers:
-        log_odds = (ac - ar) - (log(1 - exp(ac)) - log(1 - exp(ar)))
-        loss = -ac - beta * log sigmoid(log_odds), mean over (B,)."""
-    log_odds = (ac - ar) - (log1mexp(ac) - log1mexp(ar))
-    return (-ac - beta * F.logsigmoid(log_odds)).mean()

@@ -16,6 +16,19 @@ Sample rows of data/chain_train.jsonl (user -> assistant, newlines shown as |):
   Start with the letters: c a t. Reverse them, then shift each letter forward by 2. What are the letters?
     -> reverse: c a t -> t a c | shift +2: t a c -> v c e | #### v c e
 
+Preference pairs for DPO, ORPO, SimPO and TDPO (train.py --method ...): every row, training and held-out
+(so a held-out preference accuracy can be computed), also holds "rejected", a wrong worked answer to the same
+question, like the sub-optimal path of Frozen Lake. It slips at one step and carries the error to the end:
+arith: one step's result is off by 1..9 either way; letters: one letter of one step's result is its neighbour
+in the alphabet. Every later step is worked correctly from the wrong value, so the lines, the format and the
+"#### " line are those of a correct answer and only the final answer is wrong (asserted). The step and the
+error are drawn from a stream of their own, seeded by --seed and the question, so "messages", "answer",
+"family" and "steps" are byte for byte what this script wrote before it wrote pairs. Fixed before any result
+was seen, and not tuned toward any method. The first training row (chosen -> rejected):
+  Start with 34. Add 11, subtract 8, subtract 6, then subtract 9. What is the result?
+    chosen:   34 + 11 = 45 | 45 - 8 = 37 | 37 - 6 = 31 | 31 - 9 = 22 | #### 22
+    rejected: 34 + 11 = 45 | 45 - 8 = 30 | 30 - 6 = 24 | 24 - 9 = 15 | #### 15
+
 Fixed seed, deterministic; held-out rows never appear in the training file (asserted).
 Usage: python make_data.py [--seed 1337] [--n_train 4000] [--n_test 200] [--out_dir data]
 """
@@ -59,7 +72,7 @@ def apply_arith(x: int, op: str, k: int) -> int:
 
 def arith_problem(rng: random.Random, n_steps: int) -> dict:
     x = start = rng.randint(2, 99)
-    phrases, lines = [], []
+    phrases, lines, ops = [], [], []
     for _ in range(n_steps):
         # pick the operation first, then its operand, so that rare ops (divide) still show up
         opts = arith_options(x)
@@ -67,10 +80,37 @@ def arith_problem(rng: random.Random, n_steps: int) -> dict:
         k = rng.choice([k for o, k in opts if o == op])
         y = apply_arith(x, op, k)
         phrases.append(f"{op} {k}" if op in ("add", "subtract") else f"{op} by {k}")
-        lines.append(f"{x} {SYMBOL[op]} {k} = {y}")
+        lines.append(arith_line(x, op, k, y))
+        ops.append((op, k))
         x = y
     question = f"Start with {start}. {join_steps(phrases)}. What is the result?"
-    return dict(question=question, work=lines, answer=str(x))
+    return dict(question=question, work=lines, answer=str(x), start=start, ops=ops)
+
+
+def arith_line(x: int, op: str, k: int, y: int) -> str:
+    return f"{x} {SYMBOL[op]} {k} = {y}"
+
+
+def arith_slip(start: int, ops: list, rng: random.Random) -> tuple:
+    """(worked lines, answer) with one slip: the result of one step is off by 1..9 either way, and every later
+    step is worked correctly from the wrong value. Only slips that keep the chain in the task's ranges (results
+    in 1..999, exact divisions) are drawn: first the step, among those that allow one, then the error."""
+    def worked(i: int, err: int):  # lines and answer when step i's result is off by err; None if out of range
+        x, lines = start, []
+        for j, (op, k) in enumerate(ops):
+            if op == "divide" and x % k:  # a later division from the wrong value would not be exact
+                return None
+            y = apply_arith(x, op, k) + (err if j == i else 0)
+            if not 1 <= y <= 999:
+                return None
+            lines.append(arith_line(x, op, k, y))
+            x = y
+        return lines, str(x)
+
+    errors = [e for d in range(1, 10) for e in (-d, d)]
+    options = {i: [e for e in errors if worked(i, e)] for i in range(len(ops))}
+    i = rng.choice([i for i in options if options[i]])  # the last step always allows one: its result is 1..999
+    return worked(i, rng.choice(options[i]))
 
 
 # -----------------------------------------------------------------------------
@@ -100,17 +140,38 @@ LETTER_OPS = {  # op -> (phrase in the question, label in the worked step)
 
 def letters_problem(rng: random.Random, n_steps: int) -> dict:
     letters = start = rng.choices(string.ascii_lowercase, k=rng.randint(3, 5))
-    phrases, lines = [], []
+    phrases, lines, ops = [], [], []
     for _ in range(n_steps):
         op = rng.choice(sorted(LETTER_OPS))
         k = rng.randint(1, 3) if op == "shift" else 0
         new = apply_letters(letters, op, k)
-        phrase, label = (s.format(k=k) for s in LETTER_OPS[op])
+        phrase = LETTER_OPS[op][0].format(k=k)
         phrases.append(phrase)
-        lines.append(f"{label}: {' '.join(letters)} -> {' '.join(new)}")
+        lines.append(letters_line(op, k, letters, new))
+        ops.append((op, k))
         letters = new
     question = f"Start with the letters: {' '.join(start)}. {join_steps(phrases)}. What are the letters?"
-    return dict(question=question, work=lines, answer=" ".join(letters))
+    return dict(question=question, work=lines, answer=" ".join(letters), start=start, ops=ops)
+
+
+def letters_line(op: str, k: int, before: list, after: list) -> str:
+    return f"{LETTER_OPS[op][1].format(k=k)}: {' '.join(before)} -> {' '.join(after)}"
+
+
+def letters_slip(start: list, ops: list, rng: random.Random) -> tuple:
+    """(worked lines, answer) with one slip: in the result of one step (drawn), one letter (drawn) is its
+    neighbour in the alphabet (drawn: one back or one forward, wrapping like the shift), and every later step
+    is worked correctly from the wrong letters. Every op is a bijection, so the answer ends wrong."""
+    i = rng.randrange(len(ops))
+    letters, lines = start, []
+    for j, (op, k) in enumerate(ops):
+        new = apply_letters(letters, op, k)
+        if j == i:
+            pos = rng.randrange(len(new))
+            new = new[:pos] + shift(new[pos:pos + 1], rng.choice((-1, 1))) + new[pos + 1:]
+        lines.append(letters_line(op, k, letters, new))
+        letters = new
+    return lines, " ".join(letters)
 
 
 # -----------------------------------------------------------------------------
@@ -127,7 +188,13 @@ def make_row(rng: random.Random, cfg: DataConfig) -> dict:
     p = (letters_problem if family == "letters" else arith_problem)(rng, n_steps)
     reply = "\n".join(p["work"]) + f"\n#### {p['answer']}"
     messages = [{"role": "user", "content": p["question"]}, {"role": "assistant", "content": reply}]
-    return dict(messages=messages, answer=p["answer"], family=family, steps=n_steps)
+    # the rejected answer draws from its own stream, seeded by the seed and the question, so the rows above are
+    # the ones the task had before it had pairs, and each pair depends on its question only
+    slip_rng = random.Random(f"{cfg.seed}:rejected:{p['question']}")
+    work, wrong = (letters_slip if family == "letters" else arith_slip)(p["start"], p["ops"], slip_rng)
+    rejected = "\n".join(work) + f"\n#### {wrong}"
+    assert wrong != p["answer"] and rejected != reply, p["question"]
+    return dict(messages=messages, answer=p["answer"], family=family, steps=n_steps, rejected=rejected)
 
 
 def make_splits(cfg: DataConfig) -> tuple:

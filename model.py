@@ -11,7 +11,8 @@ transformers to 1e-4 in float32):
 - grouped-query attention through F.scaled_dot_product_attention, Mistral's sliding window;
 - SwiGLU MLP, optional q/k/v bias (Qwen2), optional tied input/output embeddings.
 
-One forward serves training and decoding: `cache` is None in training and a KVCache when decoding.
+One forward serves training and decoding: `cache` is None in training and a list of decode.KVCache when decoding
+(decode.py holds the decoding loop, eager or one compiled step per token).
 `forward` also takes an `embed` function that builds the input vectors from the embedding table (IFT
 blends two lookups) and a `head` function applied to the final hidden states instead of the output
 projection (ift.py uses it to skip ignored positions and to chunk the vocabulary projection).
@@ -25,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import decode
 import hf_checkpoint
 from hf_checkpoint import resolve_checkpoint  # noqa: F401  (scripts import it from here)
 
@@ -98,21 +100,23 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-class KVCache(nn.Module):
-    """Keys and values of one layer for decoding, preallocated for max_len positions."""
-
-    def __init__(self, batch_size, max_len, n_kv_heads, head_dim, dtype, device):
-        super().__init__()
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, pos: int, k, v):
-        # write positions pos .. pos+T, return everything cached up to there
-        t = pos + k.size(2)
-        self.k[:, :, pos:t] = k
-        self.v[:, :, pos:t] = v
-        return self.k[:, :, :t], self.v[:, :, :t]
+def attend(q, k, v, mask, causal: bool, gqa: bool | None = None):
+    """Attention of q (B, nh, T, hd) over k, v (B, nkv, S, hd), nh a multiple of nkv -> (B, nh, T, hd).
+    SDPA's enable_gqa reaches a fused CUDA kernel (flash) only in bf16/fp16 without a mask; with a mask or in
+    float32 CUDA falls back to the unfused math kernel. There (gqa False; None: by that rule) SDPA gets plain
+    multi-head inputs: a single query per head (decoding) becomes g queries of its k/v head (no copy), longer
+    queries get k/v repeated per query head. CPU kernels take enable_gqa as it is."""
+    B, nh, T, hd = q.shape
+    g = nh // k.size(1)
+    if gqa is None:
+        gqa = not q.is_cuda or (mask is None and q.dtype in (torch.float16, torch.bfloat16))
+    if g == 1 or gqa:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=g > 1)
+    if T == 1:  # a (T, S) or (B, 1, T, S) mask broadcasts over the g queries
+        y = F.scaled_dot_product_attention(q.reshape(B, -1, g, hd), k, v, attn_mask=mask)  # (B, nkv, g, hd)
+        return y.reshape(B, nh, 1, hd)  # reshape: fused kernels may return a transposed layout
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
 class Attention(nn.Module):
@@ -131,10 +135,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(pos, k, v)  # (B, nkv, pos+T, hd)
+            k, v = cache.update(pos, k, v)  # (B, nkv, pos+T, hd); the whole cache when pos is a tensor
         # mask None: causal attention from position 0, or one query (decoding) that sees every cached key
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.nkv != self.nh)
+        y = attend(q, k, v, mask, causal=mask is None and T > 1)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -183,36 +186,43 @@ class Transformer(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def _mask(self, T, pos, device, window, pad=None):
-        """Boolean (T, pos+T) mask, True = may attend; None when none is needed: causal attention from
-        position 0, or a single decoding query within the window (no mask makes SDPA's fast path).
-        With left padding pad (B,): (B, 1, T, pos+T), each row's padding hidden from its real tokens. (Rows
-        need no position shift: RoPE attention scores depend only on the distance between query and key.)"""
-        if pad is None and (pos == 0 or T == 1) and (window is None or pos + T <= window):
-            return None
-        q = torch.arange(pos, pos + T, device=device)[:, None]
-        k = torch.arange(pos + T, device=device)[None, :]
+    def _mask(self, q, n_keys, window, pad=None):
+        """Boolean (T, n_keys) mask for queries at positions q (T,) over keys 0 .. n_keys-1, True = may attend.
+        With left padding pad (B,): (B, 1, T, n_keys), each row's padding hidden from its real tokens. (Rows need
+        no position shift: RoPE attention scores depend only on the distance between query and key.)"""
+        k = torch.arange(n_keys, device=q.device)[None, :]
+        q = q[:, None]
         m = (k <= q) if window is None else (k <= q) & (q - k < window)
         if pad is not None:  # a padding query still sees itself: no all-masked (NaN) softmax row
             m = (m & (k >= pad[:, None, None, None])) | (k == q)
         return m
 
-    def forward(self, idx=None, *, embed=None, head=None, cache=None, pos: int = 0, pad=None):
+    def forward(self, idx=None, *, embed=None, head=None, cache=None, pos: int | torch.Tensor = 0, pad=None):
         """idx (B, T) token ids -> logits (B, T, vocab). embed(embed_tokens) -> (B, T, dim) replaces the input
         lookup and head(h, lm_head) the output projection when given (IFT's blend and loss heads; both run
-        inside forward, where FSDP has gathered the tables); cache/pos are for decoding;
+        inside forward, where FSDP has gathered the tables); cache/pos are for decoding (pos an int, or for the
+        compiled step of decode.py a (T,) tensor of positions, the whole cache then read under a mask);
         pad (B,) counts left-padding positions per row (batched prompts of different lengths)."""
         x = self.embed_tokens(idx) if embed is None else embed(self.embed_tokens)
         B, T, _ = x.shape
-        freqs = torch.arange(pos, pos + T, device=x.device, dtype=torch.float32)[:, None] * self.inv_freq[None]
+        static = torch.is_tensor(pos)
+        positions = pos if static else torch.arange(pos, pos + T, device=x.device)
+        n_keys = cache[0].k.size(2) if static else pos + T
+        freqs = positions[:, None].float() * self.inv_freq[None]
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         if torch.is_autocast_enabled(x.device.type):  # q, k come out of autocast linears: rotate them in that dtype
             cos, sin = (c.to(torch.get_autocast_dtype(x.device.type)) for c in (cos, sin))
+
+        def mask(window):  # None (SDPA's fast path): causal from position 0, or one query within the window
+            if not static and pad is None and (pos == 0 or T == 1) and (window is None or n_keys <= window):
+                return None
+            return self._mask(positions, n_keys, window, pad)
+
         # Mistral windows every layer; Qwen2's layer_types can window some layers only
         win = self.config.sliding_window
-        masks = {False: self._mask(T, pos, x.device, None, pad)}
-        masks[True] = masks[False] if win is None else self._mask(T, pos, x.device, win, pad)
+        masks = {False: mask(None)}
+        masks[True] = masks[False] if win is None else mask(win)
         windowed = self.config.window_layers or [True] * len(self.layers)
         for i, layer in enumerate(self.layers):
             m = masks[windowed[i]]
@@ -233,43 +243,20 @@ class Transformer(nn.Module):
     # ---------------------------------------------------------------------------------------------------------------
     # decoding
 
-    @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, eos_ids=None, generator=None, pad=None):
+                 top_p: float | None = None, eos_ids=None, generator=None, pad=None, compile: bool | None = None):
         """Continue idx (B, T); temperature 0 is greedy. Returns (B, T + n) with n <= max_new_tokens.
         Rows that produced an eos id keep emitting it until every row has finished. Prompts of different
-        lengths: left-pad them and give pad (B,), the number of padding positions of each row."""
-        out = [idx]
-        for tok in self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos_ids, generator, pad):
-            out.append(tok)
-        return torch.cat(out, dim=1)
+        lengths: left-pad them and give pad (B,), the number of padding positions of each row. compile: one
+        compiled step over a static cache, a CUDA graph on a GPU (decode.py); None = on CUDA only."""
+        return decode.generate(self, idx, max_new_tokens, temperature, top_k, top_p, eos_ids=eos_ids,
+                               generator=generator, pad=pad, compile=compile)
 
-    @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_ids=None, generator=None,
-               pad=None):
+    def stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, eos_ids=None, generator=None, pad=None, compile: bool | None = None):
         """Yield the next token (B, 1) step by step: prefill the KV cache once, then one position per step."""
-        B, T = idx.shape
-        cfg = self.config
-        dtype = self.embed_tokens.weight.dtype
-        if torch.is_autocast_enabled(idx.device.type):
-            dtype = torch.get_autocast_dtype(idx.device.type)
-        cache = [KVCache(B, T + max_new_tokens, cfg.n_kv_heads, cfg.head_dim, dtype, idx.device)
-                 for _ in range(cfg.n_layers)]
-        eos = torch.tensor(list(eos_ids or []), device=idx.device, dtype=torch.long)
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        # eager even when compile_blocks() ran: compiled blocks would recompile at every new position
-        with torch.compiler.set_stance("force_eager"):
-            logits = self(idx, cache=cache, head=_last_position, pad=pad)
-        for step in range(max_new_tokens):
-            tok = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B, 1)
-            if len(eos):
-                tok = torch.where(done[:, None], eos[0], tok)
-                done |= torch.isin(tok[:, 0], eos)
-            yield tok
-            if bool(done.all()) or step == max_new_tokens - 1:
-                return
-            with torch.compiler.set_stance("force_eager"):
-                logits = self(tok, cache=cache, pos=T + step, pad=pad)
+        return decode.stream(self, idx, max_new_tokens, temperature, top_k, top_p, eos_ids=eos_ids,
+                             generator=generator, pad=pad, compile=compile)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Hugging Face checkpoints
@@ -317,23 +304,3 @@ def decoding_dtype(device) -> torch.dtype:
     """Weights for decoding: bf16 on CUDA (autocast over float32 weights would re-cast them at every token),
     float32 on CPU."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def _last_position(h, lm_head):
-    return lm_head(h[:, -1:])  # prefill only needs the last position's logits
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """logits (B, V) -> next ids (B, 1): greedy at temperature 0, else top-k / nucleus sampling."""
-    if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)

@@ -6,6 +6,8 @@ Sample from a checkpoint: a downloaded model, a hub id, or a train.py output dir
     python sample.py --init out --chat --prompt "Start with 12. Add 5, then multiply by 3. What is the result?"
 
 Prints the continuation as it decodes (KV cache: the prompt is processed once, then one token per step).
+On CUDA each step runs as one compiled CUDA graph over a static cache (decode.py): the first call pays for the
+compilation; --no-compile_decode decodes eagerly (the default on a CPU, where compiling does not pay).
 """
 import argparse
 import sys
@@ -29,6 +31,8 @@ def main(argv=None):
     ap.add_argument("--top_p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--device", default="auto", help="auto (cuda when there is one), cuda or cpu")
+    ap.add_argument("--compile_decode", action=argparse.BooleanOptionalAction, default=None,
+                    help="one compiled decoding step (CUDA graph) over a static cache; default: on CUDA only")
     args = ap.parse_args(argv)
 
     try:
@@ -47,7 +51,7 @@ def main(argv=None):
     gen = torch.Generator(device=device).manual_seed(args.seed)
     new, shown = [], ""
     for tok_id in model.stream(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                               eos_ids=tok.eos_ids, generator=gen):
+                               eos_ids=tok.eos_ids, generator=gen, compile=args.compile_decode):
         t = int(tok_id[0, 0])
         if t in tok.eos_ids:
             break

@@ -1,8 +1,10 @@
 """
-Fine-tune a Mistral-family model with SFT or IFT: one loop, one flag apart.
+Fine-tune a Mistral-family model with SFT or IFT, or the paper's preference baselines DPO, TDPO, ORPO and
+SimPO on chosen/rejected pairs: one loop, one flag apart.
 
     python train.py                                    # embedded default: SmolLM2-135M + bundled data, CPU ok
     python train.py --method sft --max_steps 100
+    python train.py --method dpo                       # pairs: the bundled task's rows carry a rejected answer
     torchrun --nproc_per_node=4 train.py --method ift  # DDP over torchrun's environment
     torchrun --nproc_per_node=4 train.py --preset paper  # Mistral-7B-v0.1, FSDP, the paper's recipe
 
@@ -24,12 +26,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import baselines
 import ift
 from convert_gguf import DEFAULT_OUT, ensure_default
-from data import DataError, batch_indices, collate, tokenize_sources
+from data import DataError, batch_indices, collate, tokenize_pairs, tokenize_sources
 from hf_checkpoint import read_config, read_into
 from model import ModelConfig, Transformer, pick_device, resolve_checkpoint
-from presets import PRESETS
+from presets import METHOD_PRESETS, PRESETS
 from tokenizer import Tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,13 +49,23 @@ class TrainConfig:
     max_length: int = 256           # tokens per example; the prompt is cut from the left
     learn_all_turns: bool = False   # learn every assistant turn, not only the final one (the paper's setup)
     num_proc: int = 1               # processes for tokenization
-    # method: IFT (lam, gamma and the lambda schedule) or SFT
-    method: str = "ift"             # "ift" | "sft"
+    # method: IFT (lam, gamma and the lambda schedule) or SFT; or a preference baseline on pairs (baselines.py)
+    method: str = "ift"             # "ift" | "sft" | "dpo" | "tdpo" | "orpo" | "simpo"
     lam: float = 0.2                # temporal residual weight of the model's own guesses (paper: 0.2)
     gamma: float = 0.95             # relation propagation discount (paper: 0.95)
     lam_schedule: str = "constant"  # "constant" | "linear" (lam_min -> lam over the warmup steps)
     lam_min: float = 0.0
     lam_noise: float = 0.0          # sigma of the noisy lambda of the paper's Table 7 (0.5 there); 0 = off
+    # the released code's other IFT modes (ift.guess_picker, ift.propagation_variant); defaults are the paper's
+    guess: str = "greedy"           # first-pass guess: "greedy" | "topk" | "sample"
+    guess_k: int = 2                # topk guesses the k-th most likely token (not a sample)
+    guess_temperature: float = 0.7  # sample draws from softmax(logits / temperature)
+    propagation: str = "loss"       # what is propagated: "loss" | "mask" | "logps"
+    propagation_side: str = "left"  # "left" (discounted suffix sums) | "right" (prefix sums, inverted)
+    propagation_norm: str = "L1"    # sharpening: "L1" | "L2" | "softmax" | "log"
+    beta: float = 0.0               # DPO/TDPO/ORPO/SimPO beta; 0 = the method's paper default (0.1/0.1/0.25/2.0)
+    alpha: float = baselines.PAPER_TDPO_ALPHA  # TDPO2's weight of the sequential KL term (paper: 0.5)
+    simpo_gamma_ratio: float = baselines.PAPER_SIMPO_GAMMA_RATIO  # SimPO's margin gamma / beta (paper: 0.8)
     # optimization
     optimizer: str = "rmsprop"      # "rmsprop" (paper) | "adamw"
     lr: float = 2e-5
@@ -77,6 +90,7 @@ class TrainConfig:
     save_every: int = 0             # steps; 0 = only at the end
     sample_every: int = -1          # print a greedy sample of one eval prompt at start and end (-1), never (0)
     resume: bool = False
+    auto_resume: bool = False       # resume when out_dir holds a checkpoint, else start fresh (torchrun --max-restarts)
     stop_at: int = 0                # end this process after step N, checkpoint saved (time-boxed jobs); 0 = off
     wandb_project: str = ""
 
@@ -88,6 +102,10 @@ def parse_args(argv=None) -> TrainConfig:
     known, rest = pre.parse_known_args(argv)
     defaults = asdict(TrainConfig())
     defaults.update(PRESETS[known.preset])
+    # the preset's per-method changes (the paper's preference baselines train on pairs), for the method given
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--method", default=defaults["method"])
+    defaults.update(METHOD_PRESETS.get(known.preset, {}).get(probe.parse_known_args(rest)[0].method, {}))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  parents=[pre])
     for f in fields(TrainConfig):
@@ -98,13 +116,19 @@ def parse_args(argv=None) -> TrainConfig:
     args = vars(ap.parse_args(rest))
     args.pop("preset")
     cfg = TrainConfig(**args)
-    for name, allowed in [("method", ("ift", "sft")), ("optimizer", ("rmsprop", "adamw")),
+    for name, allowed in [("method", ("ift", "sft", *baselines.PAIR_METHODS)), ("optimizer", ("rmsprop", "adamw")),
                           ("lam_schedule", ("constant", "linear")), ("dtype", ("auto", "bf16", "fp32")),
-                          ("device", ("auto", "cpu", "cuda"))]:
+                          ("device", ("auto", "cpu", "cuda")), ("guess", ("greedy", "topk", "sample")),
+                          ("propagation", ("loss", "mask", "logps")), ("propagation_side", ("left", "right")),
+                          ("propagation_norm", tuple(ift.SHARPEN))]:
         if getattr(cfg, name) not in allowed:
             ap.error(f"--{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
     if not 0 <= cfg.lam <= 1 or not 0 <= cfg.gamma <= 1:
         ap.error("--lam and --gamma must lie in [0, 1]")
+    if cfg.guess_k < 1 or not cfg.guess_temperature > 0:
+        ap.error("--guess_k must be >= 1 and --guess_temperature > 0")
+    if cfg.beta < 0 or cfg.alpha < 0 or cfg.simpo_gamma_ratio < 0:
+        ap.error("--beta, --alpha and --simpo_gamma_ratio must be >= 0")
     if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.max_length < 2:
         ap.error("--batch_size and --grad_accum must be >= 1, --max_length >= 2")
     return cfg
@@ -184,12 +208,13 @@ def peak_flops(device, tflops: float = 0.0) -> float | None:
 
 def flops_per_token(model: Transformer, seq_len: int, method: str) -> float:
     """Model FLOPs of one training token: 6N + 12*L*d*T for forward and backward (PaLM appendix B);
-    IFT adds one forward pass without gradient, 2N + 4*L*d*T, so its floor is 4/3 of SFT's."""
+    IFT adds one forward pass without gradient, 2N + 4*L*d*T, so its floor is 4/3 of SFT's; so do DPO and TDPO
+    (the reference model's forward; their tokens are those of the chosen and the rejected rows)."""
     c = model.config
     n = sum(p.numel() for p in model.parameters()) - (0 if c.tie_word_embeddings else model.embed_tokens.weight.numel())
     attn = c.n_layers * c.n_heads * c.head_dim * seq_len
     fwd = 2 * n + 4 * attn
-    return 3 * fwd + (fwd if method == "ift" else 0)
+    return 3 * fwd + (fwd if method in ("ift", *baselines.REFERENCE_METHODS) else 0)
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -224,7 +249,7 @@ def save_checkpoint(cfg, model, raw, optimizer, step, rank, tokenizer_dir, final
             rng["cuda"] = torch.stack([s for s in torch.cuda.get_rng_state_all()])
         torch.save({"step": step, "rng": rng}, os.path.join(tmp, "resume.pt"))
         with open(os.path.join(tmp, "train_config.json"), "w") as f:
-            json.dump(dict(asdict(cfg), step=step), f, indent=2)
+            json.dump(dict(asdict(cfg), step=step, init_dir=tokenizer_dir), f, indent=2)  # init_dir: see main
         if os.path.exists(dst):
             os.replace(dst, dst + ".old")
         os.replace(tmp, dst)
@@ -279,7 +304,8 @@ def load_checkpoint(path, model, optimizer, cfg):
 
 @torch.no_grad()
 def eval_loss(model, examples, cfg, device, autocast, rank, world) -> float:
-    """Held-out SFT loss (per-sequence mean NLL of the answer, then mean), the same for both methods."""
+    """Held-out SFT loss (per-sequence mean NLL of the answer, then mean), the same for every method (the
+    preference baselines' held-out examples are the chosen answers)."""
     model.eval()
     total = torch.zeros(2, device=device, dtype=torch.float64)
     mine = list(range(rank, len(examples), world))
@@ -302,8 +328,11 @@ def prompt_of(example) -> list[int]:
 @torch.no_grad()
 def sample(raw, tok, example, device, autocast, max_new_tokens=64) -> str:
     prompt = torch.tensor(prompt_of(example), dtype=torch.long, device=device)[None]
+    # decoding compiles on CUDA (decode.py), but not through FSDP's sharded parameters and their gathering hooks
+    from torch.distributed.fsdp import FSDPModule
     with autocast:
-        out = raw.generate(prompt, max_new_tokens, temperature=0, eos_ids=tok.eos_ids)
+        out = raw.generate(prompt, max_new_tokens, temperature=0, eos_ids=tok.eos_ids,
+                           compile=False if isinstance(raw, FSDPModule) else None)
     return tok.decode([t for t in out[0, prompt.shape[1]:].tolist() if t not in tok.eos_ids])
 
 
@@ -316,8 +345,11 @@ def main(argv=None):
     torch.manual_seed(cfg.seed + rank)
     # ---- data first: every problem with it stops here, before any model or GPU time, and out_dir stays clean
     ckpt = find_checkpoint(cfg.out_dir)
+    if cfg.auto_resume:  # a worker torchrun restarts continues the checkpoint its group left; a first start is fresh
+        cfg.resume = ckpt is not None
     if ckpt and not cfg.resume:
-        sys.exit(f"{cfg.out_dir} holds a checkpoint; pass --resume to continue it or choose another --out_dir")
+        sys.exit(f"{cfg.out_dir} holds a checkpoint; pass --resume (or --auto_resume) to continue it or choose "
+                 "another --out_dir")
     if cfg.resume and not ckpt:
         sys.exit(f"--resume: no checkpoint in {cfg.out_dir}")
     try:
@@ -325,19 +357,30 @@ def main(argv=None):
         ModelConfig.from_hf(read_config(init_dir), source=os.path.join(init_dir, "config.json"))  # refusals first
         tok = Tokenizer.from_pretrained(init_dir)
         learn = "all" if cfg.learn_all_turns else "last"
-        train = tokenize_sources(cfg.data, init_dir, cfg.max_length, learn, cfg.seed, cfg.num_proc, print0)
+        pairs = cfg.method in baselines.PAIR_METHODS  # train on (chosen, rejected) pairs of examples
+        tokenize = tokenize_pairs if pairs else tokenize_sources
+        train = tokenize(cfg.data, init_dir, cfg.max_length, learn, cfg.seed, cfg.num_proc, print0)
+        # held out: the SFT loss of the (chosen) answers, for every method alike
         if cfg.eval_data:
             held = tokenize_sources(cfg.eval_data, init_dir, cfg.max_length, learn, cfg.seed, cfg.num_proc, print0)
         else:  # hold out a fraction of the (shuffled) training data
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
             k = max(1, int(cfg.eval_fraction * len(train)))
             held, train = [train[i] for i in order[:k]], [train[i] for i in order[k:]]
+            held = [chosen for chosen, _ in held] if pairs else held
     except (DataError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    if cfg.resume and cfg.method in baselines.REFERENCE_METHODS:  # the reference must be the run's original init
+        with open(os.path.join(ckpt, "train_config.json")) as f:
+            saved = json.load(f).get("init_dir")
+        if saved != init_dir:
+            sys.exit(f"error: {ckpt} was trained from --init {saved}; --method {cfg.method} rebuilds its reference "
+                     f"model from --init (now {init_dir}): resume with the run's original --init")
     held = held[: cfg.eval_max]
     per_step = cfg.batch_size * cfg.grad_accum * world
     total = cfg.max_steps or max(1, int(cfg.epochs * len(train) / per_step))
-    print0(f"data: {len(train)} train / {len(held)} eval examples; {per_step} examples per step, {total} steps")
+    unit = "pairs" if pairs else "examples"
+    print0(f"data: {len(train)} train {unit} / {len(held)} eval examples; {per_step} {unit} per step, {total} steps")
 
     # ---- model: fp32 master weights; bf16 autocast on CUDA. Built on the meta device and (with --fsdp) sharded
     # before any weight is read, so each rank reads only its rows of each tensor; a resumed run reads the
@@ -361,6 +404,16 @@ def main(argv=None):
     if world > 1 and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
+    ref = None
+    if cfg.method in baselines.REFERENCE_METHODS:
+        # DPO/TDPO's frozen reference: the initial weights, from --init also on --resume (never the checkpoint's).
+        # No gradients, no optimizer state, not wrapped by DDP, never saved; sharded like the policy under FSDP.
+        # bf16 weights when computing in bf16 on CUDA (half the policy's fp32 weights), else float32
+        ref_dtype = torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32
+        try:
+            ref = Transformer.from_pretrained(init_dir, ref_dtype, device, shard=prepare).requires_grad_(False)
+        except (KeyError, ValueError) as e:
+            sys.exit(f"error: {e}")
     opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
     optimizer = opt_cls(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = resumed_at = load_checkpoint(ckpt, raw, optimizer, cfg) if cfg.resume else 0
@@ -388,10 +441,16 @@ def main(argv=None):
             group["lr"] = lr
         lam = ift.lam_at(step, cfg.lam, schedule=cfg.lam_schedule, lam_min=cfg.lam_min,
                          warmup=math.ceil(cfg.warmup_ratio * total), sigma=cfg.lam_noise, seed=cfg.seed)
-        stats = torch.zeros(3, device=device)  # loss, first-pass SFT loss (both averaged over micro-steps), tokens
+        # loss, first-pass SFT loss (both averaged over micro-steps), tokens; pairs: margin sum, wins, pairs kept
+        stats = torch.zeros(6, device=device)
         for micro in range(cfg.grad_accum):
             idx = batch_indices(step, micro, rank, world, cfg.batch_size, cfg.grad_accum, len(train), cfg.seed)
-            x, y = (t.to(device) for t in collate([train[i] for i in idx]))
+            batch = [train[i] for i in idx]
+            if pairs:  # B pairs are 2B rows: the chosen ones, then the rejected ones (one forward, one backward)
+                batch = [chosen for chosen, _ in batch] + [rejected for _, rejected in batch]
+            x, y = collate(batch)
+            answer = ift.answer_index(y)  # here on the CPU, so the loss never waits for the GPU (ift.chunked_nll)
+            x, y, answer = (t.to(device) for t in (x, y, answer))
             last = micro == cfg.grad_accum - 1  # all-reduce gradients only on the last micro-step
             if cfg.fsdp:
                 raw.set_requires_gradient_sync(last)
@@ -399,9 +458,18 @@ def main(argv=None):
                 model.require_backward_grad_sync = last
             with autocast:
                 if cfg.method == "ift":
-                    loss, first, _ = ift.ift_forward(model, x, y, lam, cfg.gamma)
+                    # sampled guesses: a generator per micro-batch, seeded by its place in the run (resume-exact)
+                    guess = ift.guess_picker(cfg.guess, cfg.guess_k, cfg.guess_temperature,
+                                             key=(cfg.seed, step, micro * world + rank), device=device)
+                    loss, first, _ = ift.ift_forward(model, x, y, lam, cfg.gamma, guess=guess, propagation=(
+                        cfg.propagation, cfg.propagation_side, cfg.propagation_norm), answer=answer)
+                elif pairs:
+                    loss, pair_stats = baselines.pair_forward(model, ref, x, y, cfg.method, cfg.beta, cfg.alpha,
+                                                              cfg.simpo_gamma_ratio)
+                    first = loss
+                    stats[3:] += pair_stats
                 else:
-                    loss = first = ift.sft_forward(model, x, y)
+                    loss = first = ift.sft_forward(model, x, y, answer=answer)
             (loss / cfg.grad_accum).backward()
             stats[0] += loss.detach().float() / cfg.grad_accum
             stats[1] += first.detach().float() / cfg.grad_accum
@@ -419,6 +487,9 @@ def main(argv=None):
         log = {"loss": stats[0].item(), "lam": lam, "lr": lr, "tok/s": tps}
         if cfg.method == "ift":
             log["sft"] = stats[1].item()  # the first pass's loss on the ground-truth prefix
+        if pairs:  # the chosen answer's reward minus the rejected one's (baselines.py), and how often it is > 0
+            log["margin"] = (stats[3] / stats[5].clamp(min=1)).item()
+            log["acc"] = (stats[4] / stats[5].clamp(min=1)).item()
         if peak:
             log["mfu"] = tps * flops_per_token(raw, x.shape[1], cfg.method) / (peak * world)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:

@@ -60,6 +60,20 @@ def smollm2_reference():
     return model, tok
 
 
+@pytest.fixture
+def compile_counter(monkeypatch):
+    """decode.py's compiled decoding step through dynamo (fullgraph) and AOTAutograd, without inductor's code
+    generation (its C++ compile takes a minute on a 2-core CPU); counts the graphs compiled."""
+    import decode
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(decode._step, backend=counter, fullgraph=True)
+    monkeypatch.setattr(decode, "compiled_step", lambda device_type: step)
+    yield counter
+    torch._dynamo.reset()
+
+
 def _ip(host):
     """host as an IP address, None when it is a name (or not a string)."""
     try:

@@ -82,3 +82,32 @@ def test_learn_all_turns_masks_every_assistant_turn(tmp_path, smollm2_dir):
         learned[learn] = tok.decode([int(t) for t, m in zip(ids, mask) if m])
     assert "second answer" in learned["last"] and "first answer" not in learned["last"]
     assert "first answer" in learned["all"] and "second answer" in learned["all"]
+
+
+def _plain_template_dir(tmp_path, smollm2_dir):
+    """SmolLM2's tokenizer with a chat template whose turns end in plain text, not an end-of-turn token."""
+    import shutil
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{smollm2_dir}/{name}", tmp_path / name)
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}"
+                                                 "{% endfor %}")
+    return str(tmp_path)
+
+
+def test_examples_without_an_answer_token_are_dropped_and_counted(tmp_path, smollm2_dir):
+    """With the checkpoint's own template an empty answer still learns its end-of-turn token, and --max_length
+    always keeps one answer token; with a template that ends turns in plain text, an empty answer leaves nothing
+    to learn: that example is dropped and the log says how many."""
+    from data import tokenize_sources
+    rows = [{"prompt": f"q{i}", "response": "" if i == 1 else f"answer {i}"} for i in range(4)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    logged = []
+    kept = tokenize_sources(str(tmp_path / "d.jsonl"), smollm2_dir, 4, log=logged.append)
+    assert len(kept) == 4 and not logged  # four tokens hold no whole prompt, yet every example keeps an answer
+    plain = _plain_template_dir(tmp_path, smollm2_dir)
+    kept = tokenize_sources(str(tmp_path / "d.jsonl"), plain, 64, log=logged.append)
+    assert len(kept) == 3 and len(logged) == 1
+    assert logged[0].startswith("data: dropped 1 of 4 examples with no answer token to learn"), logged
+    (tmp_path / "empty.jsonl").write_text(json.dumps(rows[1]) + "\n")
+    with pytest.raises(DataError, match="no example has an answer token to learn"):
+        tokenize_sources(str(tmp_path / "empty.jsonl"), plain, 64, log=logged.append)

@@ -201,6 +201,17 @@ def test_padded_batched_generation_equals_one_by_one(tiny):
     assert batched == single and all(len(t) > 0 for t in batched)
 
 
+def test_compiled_decoding_writes_the_eager_texts(tiny, compile_counter):
+    """generate_texts through the compiled step over the static cache (the CUDA default): the eager texts, with
+    padded batches of 3 and a last batch of 1 (a new cache and batch size: a second graph, not one per position)."""
+    model, tok = tiny
+    rng = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (n,), generator=rng).tolist() for n in [6, 9, 6, 6, 4, 9, 6]]
+    eager = ev.generate_texts(model, tok, prompts, max_new_tokens=10, batch_size=3, compile=False)
+    assert ev.generate_texts(model, tok, prompts, max_new_tokens=10, batch_size=3, compile=True) == eager
+    assert compile_counter.frame_count == 2  # 3 batches x 9 positions
+
+
 def test_training_mode_is_restored(tiny):
     model, tok = tiny
     model.train()

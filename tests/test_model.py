@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import decode
 from model import ModelConfig, Transformer
 
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=8,
@@ -144,8 +145,63 @@ def test_generate_stops_at_eos_and_samples_reproducibly():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("case", ["mistral_window", "qwen2_window_layers", "llama3_tied"])
+def test_compiled_static_cache_decoding_gives_the_eager_tokens(case, tmp_path, compile_counter):
+    """The compiled step over the static cache: the eager path's tokens with left padding, eos and sampling,
+    batch 3, past every sliding window, and one graph for every position and call."""
+    kind, overrides = CASES[case]
+    ours = load_ours(make_hf(kind, **overrides), tmp_path)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, TINY["vocab_size"], (n,), generator=g) for n in (11, 4, 8)]
+    T = max(len(p) for p in prompts)
+    pad = torch.tensor([T - len(p) for p in prompts])
+    idx = torch.stack([torch.cat([torch.zeros(T - len(p), dtype=torch.long), p]) for p in prompts])
+    eager = ours.generate(idx, 14, temperature=0, pad=pad, compile=False)
+    assert torch.equal(ours.generate(idx, 14, temperature=0, pad=pad, compile=True), eager)
+    eos = int(eager[1, T + 2])  # row 1 stops at its third new token, the others later or never
+    eager = ours.generate(idx, 14, temperature=0, pad=pad, eos_ids=[eos], compile=False)
+    assert torch.equal(ours.generate(idx, 14, temperature=0, pad=pad, eos_ids=[eos], compile=True), eager)
+    sampled = [ours.generate(idx, 10, 0.9, top_k=40, top_p=0.9, pad=pad, generator=torch.Generator().manual_seed(1),
+                             compile=c) for c in (False, True)]
+    assert torch.equal(*sampled)
+    assert compile_counter.frame_count == 1  # every step of the 3 calls, one graph: no recompilation
+
+
+def test_generate_checking_eos_every_8_steps_cuts_where_every_step_would():
+    """On a GPU generate reads 'all rows finished' only every 8 steps and cuts the extra steps afterwards."""
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, intermediate_size=64))
+    prompt = torch.randint(0, 50, (2, 4))
+    greedy = m.generate(prompt, 20, temperature=0)
+    for a, b in [(4, 5), (6, 9), (15, 12)]:  # each row's eos at those positions: all finish at step 2, 6 or 12
+        eos = [int(greedy[0, a]), int(greedy[1, b])]
+        every_step = decode.generate(m, prompt, 20, 0, eos_ids=eos, check_every=1)
+        assert torch.equal(decode.generate(m, prompt, 20, 0, eos_ids=eos, check_every=8), every_step)
+        assert every_step.shape[1] <= max(a, b) + 1 and torch.isin(every_step[:, -1], torch.tensor(eos)).all()
+
+
+@pytest.mark.parametrize("T,masked", [(1, False), (1, True), (6, False), (6, True)])
+def test_attention_inputs_for_fused_cuda_kernels_give_the_same_output(T, masked):
+    """attend() with gqa=False (the inputs chosen on CUDA where enable_gqa would fall back to the math kernel:
+    a mask or float32) equals SDPA's own grouped-query attention, up to float round-off."""
+    from model import attend
+    g = torch.Generator().manual_seed(0)
+    B, nh, nkv, hd, S = 3, 8, 2, 16, 10
+    q, k, v = (torch.randn(B, h, n, hd, generator=g) for h, n in ((nh, T), (nkv, S), (nkv, S)))
+    mask = torch.rand(B, 1, T, S, generator=g) > 0.3 if masked else None
+    if masked:
+        mask[..., -1] = True  # no all-masked row
+    causal = not masked and T > 1
+    if causal:
+        k, v = k[:, :, :T], v[:, :, :T]
+    ref = attend(q, k, v, mask, causal)  # CPU: enable_gqa as is
+    assert torch.equal(ref, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                                             enable_gqa=True))
+    torch.testing.assert_close(attend(q, k, v, mask, causal, gqa=False), ref, rtol=0, atol=1e-6)
+
+
 def test_top_k_and_top_p_filter():
-    from model import sample_next
+    from decode import sample_next
     logits = torch.tensor([[4.0, 3.0, 2.0, -5.0, -6.0]])
     g = torch.Generator().manual_seed(0)
     picks = {int(sample_next(logits, 1.0, top_k=2, generator=g)) for _ in range(200)}

@@ -3,6 +3,7 @@ import json
 import os
 import re
 
+import pytest
 import torch
 
 import compare
@@ -38,23 +39,62 @@ def test_frozen_lake_reproduces_the_readme_table(tmp_path):
     assert (tmp_path / "fl.png").stat().st_size > 0
 
 
-def test_compare_runs_both_methods_and_reports(tiny_dir, tmp_path, capsys):
+def compare_args(tiny_dir, tmp_path, methods, steps=1, eval_at=(1,)):
     rows = [{"messages": [{"role": "user", "content": f"What is {a} + 1?"},
                           {"role": "assistant", "content": f"{a} + 1 = {a + 1}\n#### {a + 1}"}],
-             "answer": str(a + 1)} for a in range(6)]
+             "answer": str(a + 1), "rejected": f"{a} + 1 = {a + 2}\n#### {a + 2}"} for a in range(6)]
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp_path / "runs"
-    compare.main(["--init", tiny_dir, "--data", str(data), "--seeds", "1", "--steps", "1", "--eval_at", "1",
-                  "--limit", "3", "--max_new_tokens", "4", "--out_dir", str(out), "--plot", str(tmp_path / "c.png"),
-                  "--device", "cpu",
-                  # the rest goes to train.py
-                  "--eval_data", str(data), "--batch_size", "2", "--optimizer", "adamw", "--max_length", "64"])
-    results = json.load(open(out / "results.json"))
-    assert set(results) == {"base", "sft-seed1", "ift-seed1"}
-    for key in ("sft-seed1", "ift-seed1"):
-        assert results[key]["done"] and [p["step"] for p in results[key]["curve"]] == [1]
-        assert 0 <= results[key]["curve"][0]["exact_match"] <= 100 and results[key]["curve"][0]["loss"] > 0
+    return ["--init", tiny_dir, "--data", str(data), "--train_data", str(data), "--methods", *methods,
+            "--seeds", "1", "--steps", str(steps), "--eval_at", *map(str, eval_at), "--limit", "3",
+            "--max_new_tokens", "4", "--out_dir", str(tmp_path / "runs"), "--plot", str(tmp_path / "c.png"),
+            "--device", "cpu",
+            # the rest goes to train.py, for every method alike
+            "--eval_data", str(data), "--batch_size", "2", "--optimizer", "adamw", "--max_length", "64"]
+
+
+def test_compare_runs_the_methods_and_reports(tiny_dir, tmp_path, capsys, monkeypatch):
+    methods = ["sft", "ift", "dpo"]  # SFT, IFT and a pair method with a reference model, through train.py
+    compare.main(compare_args(tiny_dir, tmp_path, methods))
+    results = json.load(open(tmp_path / "runs" / "results.json"))
+    assert set(results) == {"settings", "base", "sft-seed1", "ift-seed1", "dpo-seed1"}
+    for m in methods:
+        run = results[f"{m}-seed1"]
+        assert run["done"] and [p["step"] for p in run["curve"]] == [1] and run["train_seconds"] > 0
+        assert 0 <= run["curve"][0]["exact_match"] <= 100 and run["curve"][0]["loss"] > 0
+        config = json.load(open(tmp_path / "runs" / f"{m}-seed1" / "checkpoint" / "train_config.json"))
+        assert (config["method"], config["seed"], config["step"]) == (m, 1, 1)
+        assert config["data"] == str(tmp_path / "rows.jsonl") and config["lr"] == 2e-5  # same for all
+        assert config["batch_size"] == 2  # compare.py's own flags stop here; the rest reach train.py
     printed = capsys.readouterr().out
-    assert re.search(r"^SFT\s", printed, re.M) and re.search(r"^IFT\s", printed, re.M)
+    for m in ["base"] + methods:
+        assert re.search(rf"^{m.upper() if m != 'base' else m}\s+(0|1)\s", printed, re.M), m
     assert (tmp_path / "c.png").stat().st_size > 0
+    # a second call keeps the finished runs: it trains nothing and prints the same table
+    monkeypatch.setattr(compare, "run_stage", lambda *a: pytest.fail("a finished run was trained again"))
+    monkeypatch.setattr(compare, "score", lambda *a: pytest.fail("a finished run was scored again"))
+    compare.main(compare_args(tiny_dir, tmp_path, methods[:2]))
+    assert json.load(open(tmp_path / "runs" / "results.json")) == results
+    assert re.search(r"^SFT\s", capsys.readouterr().out, re.M)
+    # other settings in the same out_dir stop with one line instead of mixing runs
+    with pytest.raises(SystemExit, match="other settings \\(steps, eval_at\\)"):
+        compare.main(compare_args(tiny_dir, tmp_path, methods, steps=2, eval_at=(1, 2)))
+
+
+def test_compare_refuses_an_unknown_method(capsys):
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--methods", "sft", "ppo"])
+    assert "invalid choice: 'ppo'" in capsys.readouterr().err
+
+
+def test_compare_stage_already_trained_is_scored_not_trained_again(tmp_path, monkeypatch):
+    """A comparison stopped after a stage's checkpoint but before its score: rerun, the stage is only scored
+    (train.py with --resume would go on past --stop_at); a checkpoint past the stage stops with one line."""
+    ckpt = tmp_path / "run" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    (ckpt / "resume.pt").write_bytes(b"")
+    (ckpt / "train_config.json").write_text(json.dumps({"step": 30}))
+    monkeypatch.setattr(compare.subprocess, "run", lambda *a, **k: pytest.fail("train.py was started"))
+    assert compare.run_stage("sft", 1, 60, 30, str(tmp_path / "run"), []) == 0.0
+    with pytest.raises(SystemExit, match="checkpoint at step 30, past the stage 20"):
+        compare.run_stage("sft", 1, 60, 20, str(tmp_path / "run"), [])

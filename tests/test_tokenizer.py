@@ -205,6 +205,25 @@ def test_smollm2_merges_reach_every_token(smollm2):
     assert not bad
 
 
+def test_smollm2_ours_reaches_every_token_as_hf_does(smollm2):
+    """The same property on tokenizer.py: the text of every token encodes to that one token, and the token written
+    twice (a piece that is not in the vocab, so tiktoken merges it by rank) gets HF's ids, merged in HF's order.
+    The 313 tokens whose bytes are not valid UTF-8 alone (parts of a character) cannot be written as text."""
+    ours, ref = smollm2
+    texts = {}
+    for i in range(17, ours.vocab_size):  # ids 0-16 are the added tokens
+        try:
+            texts[i] = ours._backend.id_bytes[i].decode("utf-8")  # strict: decode() would put U+FFFD in
+        except UnicodeDecodeError:
+            pass
+    assert len(texts) == ours.vocab_size - 17 - 313
+    assert [i for i, t in texts.items() if ours.encode(t) != [i]] == []
+    doubled = [t + t for t in texts.values()]
+    want = [e.ids for e in ref.encode_batch(doubled, add_special_tokens=False)]
+    bad = [(t, got, w) for t, w in zip(doubled, want) if (got := ours.encode(t)) != w]
+    assert not bad, f"{len(bad)} of {len(doubled)} differ, first: {bad[0]}"
+
+
 def _tekken_dir(tmp_path):
     # a directory holding the packaged tekken file under its checkpoint name
     os.symlink(os.path.join(MC_DATA, "tekken_240911.json"), tmp_path / "tekken.json")
@@ -244,6 +263,25 @@ def test_sentencepiece_matches_mistral_common(tmp_path):
         {"added_tokens_decoder": {"32000": {"content": "<|im_start|>", "special": True}}}))
     with pytest.raises(ValueError, match="im_start"):
         Tokenizer.from_pretrained(str(tmp_path))
+
+
+def test_sentencepiece_round_trip(tmp_path):
+    """decode(encode(s)) == s on the sentencepiece path for every corpus string and the cases below. This holds
+    exactly because Mistral-7B-v0.1's model normalizes nothing (its normalizer is "identity", extra whitespace
+    kept) and falls back to bytes for characters it lacks; a model with an NFKC normalizer would give back
+    NFKC text. decode() drops the "▁" that encode() prepends, and writes control tokens out as text. The one
+    exception: sentencepiece writes spaces as "▁", so a literal "▁" in text encodes to the ids of a space
+    and comes back as one (as in sentencepiece itself and HF's Llama tokenizers)."""
+    ours = Tokenizer.from_pretrained(_sp_dir(tmp_path))
+    cases = ["", " ", "  ", " leading space", "  two leading", "trailing ", "a  b   c", "\n", "line\n\nbreaks\n",
+             "\ttab\r\n", "\u00a0nbsp \u3000ideographic", "0123456789 3.14 1,000",
+             "\ufb01 \u2460 \u00b2 e\u0301", "\U00050000 \x00\x1f", "日本語 한국어 😀👨\u200d👩\u200d👧", "<s> </s> <unk>"]
+    bad = [s for s in CORPUS + cases if ours.decode(ours.encode(s)) != s]
+    assert not bad, f"{len(bad)} strings do not round-trip, first: {bad[0]!r}"
+    assert all(ours.decode([ours.bos_id, *ours.encode(s), ours.eos_id]) == f"<s>{s}</s>" for s in cases)
+    assert len(ours.encode(" leading space")) > len(ours.encode("leading space"))  # the space is kept as a token
+    mark = "a\u2581b \u2581"
+    assert ours.encode(mark) == ours.encode("a b  ") and ours.decode(ours.encode(mark)) == "a b  "
 
 
 def test_sentencepiece_preferred_over_unsupported_tokenizer_json(tmp_path):

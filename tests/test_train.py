@@ -150,9 +150,10 @@ def test_killed_while_saving_resumes_from_the_last_complete_checkpoint(point, ti
     assert not (out / "checkpoint.old").exists() and not (out / "checkpoint.tmp").exists()  # leftovers cleaned
 
 
-def torchrun(nproc, argv, tmp_path, script=os.path.join(ROOT, "train.py"), ok=True, timeout=600):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", script, *argv]
+def torchrun(nproc, argv, tmp_path, script=os.path.join(ROOT, "train.py"), ok=True, timeout=600, launcher=(), env=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **(env or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", *launcher,
+           script, *argv]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
     if ok:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -181,16 +182,63 @@ def test_two_processes_equal_one_with_twice_the_accumulation(mode, tiny_dir, tin
         assert ref.lm_head.weight.data_ptr() == ref.model.embed_tokens.weight.data_ptr()
 
 
+# train.py with every safetensors read recorded: (rank, file, tensor, rows in the file, rows read), to reads.jsonl
+READ_RECORDER = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import safetensors, train
+opened, reads = safetensors.safe_open, []
+
+class Slice:
+    def __init__(self, inner, file, name):
+        self.inner, self.file, self.name = inner, file, name
+    def __getitem__(self, index):
+        t = self.inner[index]
+        reads.append((self.file, self.name, self.inner.get_shape()[0], t.shape[0]))
+        return t
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+class File:
+    def __init__(self, file, *a, **k):
+        self.inner, self.file = opened(file, *a, **k), os.path.basename(file)
+    def __enter__(self):
+        self.inner.__enter__()
+        return self
+    def __exit__(self, *exc):
+        return self.inner.__exit__(*exc)
+    def get_slice(self, name):
+        return Slice(self.inner.get_slice(name), self.file, name)
+    def get_tensor(self, name):
+        t = self.inner.get_tensor(name)
+        reads.append((self.file, name, t.shape[0] if t.dim() else 0, t.shape[0] if t.dim() else 0))
+        return t
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+safetensors.safe_open = File
+train.main()
+with open("reads.jsonl", "a") as f:
+    f.writelines(json.dumps([int(os.environ["RANK"]), *r]) + "\\n" for r in reads)
+"""
+
+
 def test_fsdp_resume_under_torchrun_continues_exactly(tiny_tied_dir, rows_file, tmp_path):
-    """Two FSDP ranks stop after step 2, then resume (weights and optimizer rows read per rank): the same
-    weights, bit for bit, as the uninterrupted two-rank run."""
+    """Two FSDP ranks stop after step 2, then resume: the same weights, bit for bit, as the uninterrupted two-rank
+    run; and each rank read only its own half of the rows of every weight and optimizer moment."""
     full = args(tiny_tied_dir, rows_file, tmp_path / "full", "--fsdp", "--grad_accum", "1", "--max_steps", "4")
     torchrun(2, full, tmp_path)
     cut = args(tiny_tied_dir, rows_file, tmp_path / "cut", "--fsdp", "--grad_accum", "1", "--max_steps", "4")
     torchrun(2, cut + ["--stop_at", "2"], tmp_path)
     assert {"optimizer.safetensors", "resume.pt"} <= set(os.listdir(tmp_path / "cut" / "checkpoint"))
-    r = torchrun(2, cut + ["--resume"], tmp_path)
+    (tmp_path / "recorder.py").write_text(READ_RECORDER.format(root=ROOT))
+    r = torchrun(2, cut + ["--resume"], tmp_path, script=str(tmp_path / "recorder.py"))
     assert "resumed from" in r.stdout + r.stderr
+    reads = [json.loads(line) for line in open(tmp_path / "reads.jsonl")]
+    for file in ("model.safetensors", "optimizer.safetensors"):
+        rows = [(rank, n, got) for rank, f, _, n, got in reads if f == file and n > 1]
+        assert len(rows) > 10 and {rank for rank, _, _ in rows} == {0, 1}, file
+        assert all(got == -(-n // 2) if rank == 0 else got == n // 2 for rank, n, got in rows), file
     a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed FSDP run differs from the uninterrupted one"
 
@@ -207,14 +255,17 @@ def test_fsdp_without_torchrun_is_a_world_of_one(tiny_dir, rows_file, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+# rank 1 SIGKILLs itself at the top of step 4; with a marker file, only the first time (a restarted rank lives)
 RANK_KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 import train
-lr_at = train.lr_at
+lr_at, once = train.lr_at, {once!r}
 
 def lr_or_die(step, total, cfg):  # called once at the top of every step
-    if step == 3 and os.environ["RANK"] == "1":
+    if step == 3 and os.environ["RANK"] == "1" and not (once and os.path.exists(once)):
+        if once:
+            open(once, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
     return lr_at(step, total, cfg)
 
@@ -223,22 +274,33 @@ train.main()
 """
 
 
-def test_killed_rank_stops_the_job_and_resume_equals_the_uninterrupted_run(tiny_dir, rows_file, tmp_path):
+def two_rank_args(tiny_dir, rows_file, out):
+    return args(tiny_dir, rows_file, out, "--grad_accum", "1", "--max_steps", "6", "--save_every", "2")
+
+
+@pytest.fixture(scope="module")
+def two_rank_uninterrupted(tiny_dir, rows_file, tmp_path_factory):
+    """The final weights of an uninterrupted two-rank DDP run of 6 steps, saving every 2."""
+    tmp = tmp_path_factory.mktemp("two_rank")
+    torchrun(2, two_rank_args(tiny_dir, rows_file, tmp / "full"), tmp)
+    return weights(tmp / "full")
+
+
+def test_killed_rank_stops_the_job_and_resume_equals_the_uninterrupted_run(tiny_dir, rows_file, tmp_path,
+                                                                          two_rank_uninterrupted):
     """Rank 1 of two dies at step 4 of 6 (after the step-2 checkpoint): torchrun ends the job in bounded time
     instead of leaving rank 0 waiting in a collective, and a rerun with --resume ends where an uninterrupted
     two-rank run ends, bit for bit."""
     import time
-    full = args(tiny_dir, rows_file, tmp_path / "full", "--grad_accum", "1", "--max_steps", "6", "--save_every", "2")
-    torchrun(2, full, tmp_path)
-    (tmp_path / "killer.py").write_text(RANK_KILLER.format(root=ROOT))
-    cut = args(tiny_dir, rows_file, tmp_path / "cut", "--grad_accum", "1", "--max_steps", "6", "--save_every", "2")
+    (tmp_path / "killer.py").write_text(RANK_KILLER.format(root=ROOT, once=None))
+    cut = two_rank_args(tiny_dir, rows_file, tmp_path / "cut")
     t0 = time.time()
     r = torchrun(2, cut, tmp_path, script=str(tmp_path / "killer.py"), ok=False, timeout=120)
     assert r.returncode != 0 and time.time() - t0 < 120
     assert "Signal 9" in r.stderr or "SIGKILL" in r.stderr, r.stderr[-2000:]
     assert json.load(open(tmp_path / "cut" / "checkpoint" / "train_config.json"))["step"] == 2
     torchrun(2, cut + ["--resume"], tmp_path)
-    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    a, b = two_rank_uninterrupted, weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
 
 
@@ -383,3 +445,75 @@ def test_presets_replace_defaults_and_flags_win():
     assert train.parse_args(["--preset", "paper", "--lr", "1e-6", "--no-fsdp"]).lr == 1e-6
     assert train.parse_args(["--preset", "paper", "--no-fsdp"]).fsdp is False
     assert train.parse_args([]) == train.TrainConfig()
+
+
+def test_torchrun_max_restarts_resumes_automatically(tiny_dir, rows_file, tmp_path, two_rank_uninterrupted):
+    """torchrun --max-restarts=1 with --auto_resume: the first start begins fresh (no checkpoint yet), rank 1
+    dies once at step 4 of 6, torchrun restarts both workers, they resume from the step-2 checkpoint, and the
+    job succeeds with the uninterrupted run's weights, bit for bit."""
+    marker = tmp_path / "killed_once"
+    (tmp_path / "killer.py").write_text(RANK_KILLER.format(root=ROOT, once=str(marker)))
+    run = two_rank_args(tiny_dir, rows_file, tmp_path / "out") + ["--auto_resume"]
+    # torchrun's agent keeps one TCP store across restarts by default, and a restarted gloo (or NCCL) group can
+    # read the dead group's addresses from it (pytorch/pytorch#135712): a fresh store per restart avoids that
+    r = torchrun(2, run, tmp_path, script=str(tmp_path / "killer.py"), timeout=180, launcher=["--max-restarts=1"],
+                 env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    log = r.stdout + r.stderr
+    assert marker.exists() and "resumed from" in log and "at step 2" in log, log[-3000:]
+    final = weights(tmp_path / "out")
+    assert all(torch.equal(final[k], two_rank_uninterrupted[k]) for k in final), "restarted run differs"
+
+
+def test_train_prints_how_many_examples_it_dropped(tiny_dir, rows_file, tmp_path, capsys):
+    """An example with nothing to learn (an empty answer under a template whose turns end in plain text) is
+    dropped, and train.py's log says so before the data line."""
+    import shutil
+    init = tmp_path / "init"
+    shutil.copytree(tiny_dir, init)
+    (init / "chat_template.jinja").write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}"
+                                              "{% endfor %}")
+    rows = chat_rows(7) + [{"prompt": "Say nothing.", "response": ""}]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    train.main(args(str(init), (data, rows_file[1]), tmp_path / "out", "--max_steps", "1"))
+    out = capsys.readouterr().out
+    assert "data: dropped 1 of 8 examples with no answer token to learn" in out
+    assert "data: 7 train " in out  # the 8th is gone
+
+
+def test_lr_warms_up_linearly_then_decays_on_a_cosine_to_zero():
+    cfg = train.TrainConfig(lr=1.0, warmup_ratio=0.1)
+    lrs = [train.lr_at(step, 100, cfg) for step in range(100)]
+    assert lrs[:10] == [(step + 1) / 10 for step in range(10)]
+    assert lrs[10] == 1.0 and math.isclose(lrs[55], 0.5) and 0 < lrs[99] < 1e-3
+    assert all(a > b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_default_optimizer_is_rmsprop_and_gradients_are_clipped(tiny_dir, rows_file, tmp_path, monkeypatch):
+    """Without --optimizer the run uses the paper's RMSprop (the checkpoint holds its moment, square_avg), and each
+    step clips the gradient norm at --grad_clip (1.0 by default; 0 turns it off)."""
+    clip, clipped = torch.nn.utils.clip_grad_norm_, []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm, *a, **k: clipped.append(max_norm) or clip(params, max_norm, *a, **k))
+    argv = args(tiny_dir, rows_file, tmp_path / "out", "--max_steps", "2")
+    del argv[argv.index("--optimizer"):argv.index("--optimizer") + 2]
+    train.main(argv)
+    moments = load_file(tmp_path / "out" / "checkpoint" / "optimizer.safetensors")
+    assert {name.rsplit(".", 1)[1] for name in moments} == {"step", "square_avg"}
+    assert clipped == [1.0, 1.0]
+    train.main(args(tiny_dir, rows_file, tmp_path / "off", "--max_steps", "1", "--grad_clip", "0"))
+    assert clipped == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("flag, learn", [([], "last"), (["--learn_all_turns"], "all")])
+def test_learn_all_turns_reaches_the_data(flag, learn, tiny_dir, rows_file, tmp_path, monkeypatch):
+    from data import DataError
+    seen = []
+
+    def record(sources, tokenizer_dir, max_length, learn, *rest):
+        seen.append(learn)
+        raise DataError("stop here")
+
+    monkeypatch.setattr(train, "tokenize_sources", record)
+    with pytest.raises(SystemExit, match="stop here"):
+        train.main(args(tiny_dir, rows_file, tmp_path / "out", *flag))
+    assert seen == [learn]
