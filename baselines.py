@@ -85,8 +85,8 @@ def tdpo_loss(lc: torch.Tensor, lr: torch.Tensor, refc: torch.Tensor, refr: torc
         u = beta * ((lc - refc) - (lr - refr))                     (DPO's margin)
         delta = beta * SeqKL(yr) - stopgrad(beta * SeqKL(yc))
         loss = -log sigmoid(u - alpha * delta), mean over the kept pairs.
-    We implement TDPO2, not TDPO1 (delta without the stop-gradient, alpha = 1): TDPO2 is the variant the
-    TDPO paper recommends and the one the IFT paper's baseline settings (alpha 0.5) refer to."""
+    Our choice: TDPO2 with alpha 0.5 (the IFT paper's TDPO setting, App. B.1), not TDPO1, whose delta has no
+    stop-gradient and no alpha. The KL runs from the reference to the policy, as in SeqKL's definition."""
     u = beta * ((lc - refc) - (lr - refr))
     delta = beta * klr - (beta * klc).detach()
     return _pair_mean(-F.logsigmoid(u - alpha * delta), keep), u.detach()
@@ -234,7 +234,6 @@ def pair_forward(model: nn.Module, ref: nn.Module | None, idx: torch.Tensor, tar
     kept pairs the chosen answer wins (margin > 0), kept pairs] (3,) float32, for the log."""
     beta = beta or PAPER_BETA[method]
     B = idx.size(0) // 2
-    mask = targets != IGNORE
     if method == "tdpo":  # one reference pass to its hidden states; the policy's head projects both
         with torch.no_grad():
             ref_h = ref(idx, head=partial(answer_hidden, targets=targets))  # (N, dim)
@@ -254,7 +253,7 @@ def pair_forward(model: nn.Module, ref: nn.Module | None, idx: torch.Tensor, tar
     if method == "dpo":
         loss, margin = dpo_loss(l[:B], l[B:], ref_l[:B], ref_l[B:], beta, keep)
     elif method == "tdpo":
-        seq_kl = torch.where(mask, kl, 0).sum(1)  # (2B,) SeqKL of each answer
+        seq_kl = kl.sum(1)  # (2B,) SeqKL of each answer (kl is 0 where ignored)
         loss, margin = tdpo_loss(l[:B], l[B:], ref_l[:B], ref_l[B:], seq_kl[:B], seq_kl[B:], beta, alpha, keep)
     elif method == "orpo":
         loss, margin = orpo_loss(avg[:B], avg[B:], beta, keep)

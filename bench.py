@@ -7,6 +7,7 @@ same model, same batch, same dtype; warm-up steps are discarded and the median o
     python bench.py --init checkpoints/SmolLM2-135M-Instruct --batch_size 4 --seq_len 256 --threads 2
     python bench.py --device cuda --init llama-3.2-1b --batch_size 4 --seq_len 1024 --compile  # random weights
     python bench.py --device cuda --init llama-3.2-1b --batch_size 1 --seq_len 512    # decoding roofline
+    python bench.py --init tiny --profile 15 --compile_decode     # top kernels per step; SDPA kernel per call
 
 The batch is realistic for fine-tuning: the first third of each sequence is prompt (targets -100, skipped
 before the output projection), the rest is answer. A training step is forward + backward + optimizer step
@@ -546,7 +547,8 @@ def main(argv=None):
     prompt = idx[:, :max(1, T // 3)]
     P, n = prompt.size(1), args.new_tokens
     decoders = {"ours eager": partial(model.generate, prompt, temperature=0, compile=False)}
-    if cuda if args.compile_decode is None else args.compile_decode:
+    compile_decode = cuda if args.compile_decode is None else args.compile_decode
+    if compile_decode:
         decoders["ours compiled"] = partial(model.generate, prompt, temperature=0, compile=True)
     if hf is not None:
         from transformers import GenerationConfig
@@ -590,6 +592,7 @@ def main(argv=None):
         with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             for name, fn in calls.items():
                 print(f"sdpa kernels, {name}: {sdpa_kernels(fn)}")
+    model._static_cache = None  # free decode.py's cache
     if hf is not None:
         del hf, hf_run
 

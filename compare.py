@@ -31,6 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("sft", "ift", "dpo", "orpo", "simpo", "tdpo")
 COLORS = dict(sft="tab:blue", ift="tab:red", dpo="tab:green", orpo="tab:orange", simpo="tab:purple",
               tdpo="tab:brown")
+LABELS = dict(sft="SFT", ift="IFT", dpo="DPO", orpo="ORPO", simpo="SimPO", tdpo="TDPO")
 
 
 def checkpoint_step(out_dir: str) -> int:
@@ -177,7 +178,7 @@ def report(results, args):
             lo, lo_sd = mean_std([p["loss"] for p in points])
             mins = f"{statistics.mean(run['train_seconds'] for run in runs) / 60:.1f}" if step == args.steps else ""
             per_seed = ", ".join(f"{p['exact_match']:.1f}" for p in points)
-            print(f"{method.upper():<8}{step:>6}{f'{em:.1f} ± {em_sd:.1f}':>16}{f'{lo:.4f} ± {lo_sd:.4f}':>20}"
+            print(f"{LABELS[method]:<8}{step:>6}{f'{em:.1f} ± {em_sd:.1f}':>16}{f'{lo:.4f} ± {lo_sd:.4f}':>20}"
                   f"{mins:>11}   {per_seed}")
     plot(results, args)
 
@@ -196,7 +197,7 @@ def plot(results, args):
                         for s in args.seeds]
             mean = [statistics.mean(v) for v in zip(*per_seed)]
             sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*per_seed)]
-            ax.plot(steps, mean, "o-", color=color, label=method.upper())
+            ax.plot(steps, mean, "o-", color=color, label=LABELS[method])
             ax.fill_between(steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
                             color=color, alpha=0.2)
     axes[0].set(xlabel="optimizer step", ylabel="held-out answer loss (NLL / token)", title="held-out loss")
@@ -204,7 +205,7 @@ def plot(results, args):
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"{' vs '.join(m.upper() for m in args.methods)}, {os.path.basename(args.init)}, "
+    fig.suptitle(f"{' vs '.join(LABELS[m] for m in args.methods)}, {os.path.basename(args.init)}, "
                  f"seeds {args.seeds} (mean ± std)")
     fig.tight_layout()
     os.makedirs(os.path.dirname(args.plot), exist_ok=True)

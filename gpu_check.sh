@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# What a GPU session runs, in one call from the repository root (no internet needed; about 6-8 minutes):
+# What a GPU session runs, in one call from the repository root (no internet needed; at most 9 minutes:
+# the step timeouts add up to 540 s):
 #
 #     OUT=/some/empty/dir bash gpu_check.sh
 #
@@ -10,11 +11,11 @@
 #     GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1 bash gpu_check.sh     # every line on the CPU at tiny sizes
 #
 # runs the same command lines on a CPU with a tiny model, to show that each parses and runs.
-main() {
 OUT=${OUT:-out-gpu-check}
 DEV=${GPU_CHECK_DEVICE:-cuda}
 mkdir -p "$OUT"
-exec > >(tee "$OUT/summary.log") 2>&1
+
+main() {
 
 if [ -n "$GPU_CHECK_SMALL" ]; then  # tiny sizes: seconds per line on a CPU
     INIT=tiny; B4="--batch_size 2 --seq_len 24"; B1="--batch_size 1 --seq_len 24"
@@ -134,7 +135,7 @@ EOF
 step bench_decode1 110 python bench.py --device "$DEV" --init "$INIT" $B1 $STEPS --new_tokens "$NEW" \
     --compile_decode $LOSS
 
-# training and decoding at batch 4 x 1024 eager, with the profiler tables and the SDPA kernel of each call
+# eager training and decoding (eager, compiled) at batch 4 x 1024, the profiler tables, the SDPA kernel per call
 TAIL=30 step bench_eager 150 python bench.py --device "$DEV" --init "$INIT" $B4 $STEPS --compile_decode \
     --profile "$PROFILE" $LOSS
 
@@ -143,11 +144,11 @@ step bench_compile 100 python bench.py --device "$DEV" --init "$INIT" $B4 $STEPS
 
 # the loss-memory sweep, when this bench.py has it
 if python bench.py --help | grep -q -- "--loss_sweep"; then
-    step loss_sweep 30 python bench.py --device "$DEV" --loss_sweep $SWEEP
+    step loss_sweep 90 python bench.py --device "$DEV" --loss_sweep $SWEEP
 else
     echo "=== loss_sweep: skipped, bench.py has no --loss_sweep"
 fi
 echo "=== done: $(date -u)"
 }
 
-main "$@"
+main "$@" 2>&1 | tee "$OUT/summary.log"

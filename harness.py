@@ -117,7 +117,10 @@ def has_chat_template(path: str) -> bool:
     if os.path.isfile(os.path.join(path, "chat_template.jinja")):
         return True
     conf = os.path.join(path, "tokenizer_config.json")
-    return os.path.isfile(conf) and bool(json.load(open(conf)).get("chat_template"))
+    if not os.path.isfile(conf):
+        return False
+    with open(conf) as f:
+        return bool(json.load(f).get("chat_template"))
 
 
 def run(model: str, tasks: list, batch_size: int = 8, device: str = "auto", dtype: str = "auto",
@@ -125,9 +128,12 @@ def run(model: str, tasks: list, batch_size: int = 8, device: str = "auto", dtyp
     """Score the HF checkpoint directory `model` on `tasks` with lm-eval's "hf" model (transformers), the chat
     template applied. Returns lm-eval's results of all calls merged ("results", "n-shot", "configs", ...,
     "samples": per task the prompts and responses), with "paper": {column: score} for the columns it has."""
+    import datasets
     import lm_eval
     import torch
     from lm_eval.tasks import TaskManager
+
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False  # else each "json" load pings S3 to count it: none offline
 
     from model import decoding_dtype, pick_device
     dev = pick_device(device)
@@ -136,12 +142,15 @@ def run(model: str, tasks: list, batch_size: int = 8, device: str = "auto", dtyp
     # an absolute path: lm-eval asks the hub for the sha of `pretrained` when it looks like a repo id ("out")
     model_args = dict(pretrained=os.path.abspath(model), dtype=dtype)
     groups = task_groups(tasks)
+    # indexing lm-eval's ~15k built-in task files takes seconds: only when a task is not ours
+    builtin = [s for specs in groups.values() for s in specs if isinstance(s, str)]
+    manager = TaskManager(include_defaults=bool(builtin))
+    for name in builtin:  # before the (slow) model load
+        if name not in manager.all_tasks:
+            raise ValueError(f"--tasks: {name!r} is neither an lm-eval task nor one of ours ({TASKS_DIR})")
     # the "hf" model, loaded once for every call (what simple_evaluate(model="hf", model_args=...) does inside)
     lm = lm_eval.api.registry.get_model("hf").create_from_arg_obj(
         model_args, {"batch_size": batch_size, "device": str(dev)})
-    # indexing lm-eval's ~15k built-in task files takes seconds: only when a task is not ours
-    builtin = any(isinstance(s, str) for specs in groups.values() for s in specs)
-    manager = TaskManager(include_defaults=builtin)
     out = dict(model=os.path.abspath(model), name=os.path.basename(os.path.normpath(model)), model_args=model_args,
                lm_eval_version=lm_eval.__version__, torch_version=torch.__version__, device=str(dev),
                apply_chat_template=chat_template, fewshot_as_multiturn=chat_template, limit=limit)

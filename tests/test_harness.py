@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -103,7 +104,8 @@ def test_multiple_choice_picks_what_our_model_picks(scored, ours):
         assert s["acc_norm"] == float(pick_norm == r["label"]), s["doc_id"]
         acc += pick == r["label"]
         acc_norm += pick_norm == r["label"]
-    print(f"log p(newline): {min(newlines):.4f} to {max(newlines):.4f}; max |lm-eval - ours - it|: {worst:.2e}")
+    print(f"acc {acc}/{len(rows)}, acc_norm {acc_norm}/{len(rows)}; log p(newline): {min(newlines):.4f} to "
+          f"{max(newlines):.4f}; max |lm-eval - ours - it|: {worst:.2e}")
     assert worst < 1e-4  # float32 on both sides; measured 2e-5 between lm-eval's batch sizes 1 and 8
     assert scored["results"]["chain_mc"]["acc,none"] == pytest.approx(acc / len(rows))
     assert scored["results"]["chain_mc"]["acc_norm,none"] == pytest.approx(acc_norm / len(rows))
@@ -154,7 +156,7 @@ def test_paper_columns_are_metrics_the_installed_tasks_report():
             assert cfg["num_fewshot"] == c.shots, c
 
 
-def test_paper_run_calls_lm_eval_with_the_papers_shots_and_the_chat_template(trained, monkeypatch):
+def test_paper_run_calls_lm_eval_with_the_papers_shots_and_the_chat_template(tiny_dir, monkeypatch):
     """No download here: lm-eval's entry points are replaced by recorders."""
     import lm_eval
     import lm_eval.tasks
@@ -174,14 +176,15 @@ def test_paper_run_calls_lm_eval_with_the_papers_shots_and_the_chat_template(tra
 
     monkeypatch.setattr(lm_eval.api.registry, "get_model", lambda name: Registry if name == "hf" else None)
     monkeypatch.setattr(lm_eval, "simple_evaluate", evaluate)
-    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda include_defaults: include_defaults)
-    res = harness.run(trained, ["paper"], device="cpu")
-    assert made == [({"pretrained": os.path.abspath(trained), "dtype": "float32"}, {"batch_size": 8, "device": "cpu"})]
+    index = SimpleNamespace(all_tasks=[c.task for c in harness.PAPER])  # lm-eval's built-in task index
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda include_defaults: include_defaults and index)
+    res = harness.run(tiny_dir, ["paper"], device="cpu")
+    assert made == [({"pretrained": os.path.abspath(tiny_dir), "dtype": "float32"}, {"batch_size": 8, "device": "cpu"})]
     assert {kw["num_fewshot"]: kw["tasks"] for kw in calls} == {
         25: ["arc_challenge"], 5: ["mmlu", "winogrande", "gsm8k"], 0: ["truthfulqa_mc2"]}
     for kw in calls:
         assert kw["model"] == "lm" and kw["apply_chat_template"] and kw["fewshot_as_multiturn"]
-        assert kw["task_manager"] is True  # lm-eval's own task files are indexed
+        assert kw["task_manager"] is index  # lm-eval's own task files are indexed
     assert res["paper"] == {c.name: 0.5 for c in harness.PAPER}
     assert res["n-shot"] == {c.task: c.shots for c in harness.PAPER}
 
@@ -230,6 +233,34 @@ def test_lm_eval_is_optional_and_off_the_training_path(tiny_dir, monkeypatch):
     assert str(e.value) == "harness.py needs lm-evaluation-harness: pip install lm-eval"
 
 
+GUARDED_RUN = """
+import socket, sys
+tried = []
+def refuse(*a, **k):
+    tried.append(a[:2])
+    raise OSError("network")
+connect = socket.socket.connect
+def guarded(sock, address):
+    return connect(sock, address) if sock.family == socket.AF_UNIX else refuse(address)
+socket.getaddrinfo, socket.socket.connect = refuse, guarded
+sys.path.insert(0, sys.argv[1])
+import harness
+harness.main(sys.argv[2:])
+assert not tried, tried
+"""
+
+
+def test_bundled_tasks_reach_no_network_without_offline_mode(tiny_dir, tmp_path):
+    """The suite runs with HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set; a user does not: without them, any lookup or
+    connection fails this run (datasets' download-count ping to S3 did, before harness.py turned it off)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    r = subprocess.run([sys.executable, "-c", GUARDED_RUN, ROOT, "--model", tiny_dir, "--tasks", "chain_mc",
+                        "--limit", "1", "--out", str(tmp_path / "r.json")], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "r.json").read_text())["n-samples"]["chain_mc"]["effective"] == 1
+
+
 def test_bad_input_stops_in_one_line(tiny_dir, tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         harness.main(["--model", str(tmp_path / "nope")])
@@ -244,3 +275,5 @@ def test_bad_input_stops_in_one_line(tiny_dir, tmp_path):
         (no_template / f).write_bytes(data)
     with pytest.raises(SystemExit, match="has no chat template"):
         harness.main(["--model", str(no_template), "--tasks", "chain_mc"])
+    with pytest.raises(SystemExit, match="--tasks: 'arc_chalenge' is neither an lm-eval task"):
+        harness.main(["--model", tiny_dir, "--tasks", "chain_mc,arc_chalenge"])

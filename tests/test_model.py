@@ -167,6 +167,21 @@ def test_compiled_static_cache_decoding_gives_the_eager_tokens(case, tmp_path, c
     assert compile_counter.frame_count == 1  # every step of the 3 calls, one graph: no recompilation
 
 
+def test_static_cache_is_kept_and_reused_when_it_fits():
+    """The compiled step reads the cache at fixed addresses: later calls reuse it unless it is too short or of
+    another batch size (lengths rounded up to 256 positions)."""
+    m = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, intermediate_size=64))
+    cpu = torch.device("cpu")
+    a = decode.static_cache(m, 2, 10, torch.float32, cpu)
+    assert len(a) == 3 and a[0].k.shape == (2, 2, 256, 8) and m._static_cache is a
+    assert decode.static_cache(m, 2, 256, torch.float32, cpu) is a
+    b = decode.static_cache(m, 2, 257, torch.float32, cpu)
+    assert b is not a and b[0].v.shape == (2, 2, 512, 8)
+    assert decode.static_cache(m, 2, 20, torch.float32, cpu) is b
+    assert decode.static_cache(m, 3, 20, torch.float32, cpu)[0].k.shape == (3, 2, 256, 8)
+    assert decode.static_cache(m, 3, 20, torch.bfloat16, cpu)[0].k.dtype == torch.bfloat16
+
+
 def test_generate_checking_eos_every_8_steps_cuts_where_every_step_would():
     """On a GPU generate reads 'all rows finished' only every 8 steps and cuts the extra steps afterwards."""
     torch.manual_seed(0)

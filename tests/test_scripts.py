@@ -67,8 +67,8 @@ def test_compare_runs_the_methods_and_reports(tiny_dir, tmp_path, capsys, monkey
         assert config["data"] == str(tmp_path / "rows.jsonl") and config["lr"] == 2e-5  # same for all
         assert config["batch_size"] == 2  # compare.py's own flags stop here; the rest reach train.py
     printed = capsys.readouterr().out
-    for m in ["base"] + methods:
-        assert re.search(rf"^{m.upper() if m != 'base' else m}\s+(0|1)\s", printed, re.M), m
+    for label in ["base"] + [compare.LABELS[m] for m in methods]:
+        assert re.search(rf"^{label}\s+(0|1)\s", printed, re.M), label
     assert (tmp_path / "c.png").stat().st_size > 0
     # a second call keeps the finished runs: it trains nothing and prints the same table
     monkeypatch.setattr(compare, "run_stage", lambda *a: pytest.fail("a finished run was trained again"))
