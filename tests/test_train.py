@@ -138,8 +138,10 @@ def test_killed_while_saving_resumes_from_the_last_complete_checkpoint(point, ti
     import signal
     out = tmp_path / "out"
     run = args(tiny_dir, rows_file, out, "--max_steps", "6", "--save_every", "2", "--optimizer", "rmsprop")
+    # the killed process computes steps 1-2 of the compared weights: same thread count as this process, since
+    # a CPU matmul's rounding can depend on how many threads split it
     r = subprocess.run([sys.executable, "-c", KILLER.format(root=ROOT), point, *run], capture_output=True,
-                       text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                       text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     ckpt = train.find_checkpoint(str(out))  # the step-2 checkpoint: the step-4 one never completed
     assert json.load(open(os.path.join(ckpt, "train_config.json")))["step"] == 2
@@ -371,7 +373,11 @@ def test_flops_per_token_counts_what_flop_counter_sees(method):
     B, T = 2, 24
     idx = torch.randint(0, 96, (B, T))
     targets = torch.roll(idx, -1, 1)  # every position learned: the formula's assumption
-    with FlopCounterMode(display=False) as counter:
+    # FlopCounterMode has no formula for the in-place addmm_ the chunked head accumulates its gradients with
+    def addmm_(self_shape, a_shape, b_shape, **kw):  # self (m, n) += a (m, k) @ b (k, n): 2 m k n
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_}) as counter:
         if method == "sft":
             loss = ift.sft_loss(model(idx), targets)
         else:
@@ -380,7 +386,9 @@ def test_flops_per_token_counts_what_flop_counter_sees(method):
     passes = {"sft": 3, "ift": 4}[method]  # forward = 1, backward = 2
     attention = passes * 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * T * B * T
     want = train.flops_per_token(model, T, method) * B * T
-    assert abs(counter.get_total_flops() + attention - want) < 0.01 * want
+    # hardware, not model, FLOPs: IFT's chunked head computes each chunk's logits again in backward
+    recompute = 2 * B * T * cfg.vocab_size * cfg.dim if method == "ift" else 0
+    assert abs(counter.get_total_flops() - recompute + attention - want) < 0.01 * want
 
 
 def test_peak_tables_pick_the_most_specific_gpu_name(monkeypatch):
@@ -434,7 +442,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tiny_dir, rows_file, tmp_p
 
 def test_eval_fraction_holds_out_that_share_of_the_training_rows(tiny_dir, rows_file, tmp_path, capsys):
     train.main(args(tiny_dir, (rows_file[0], ""), tmp_path / "out", "--eval_fraction", "0.25", "--max_steps", "1"))
-    assert "data: 24 train / 8 eval examples" in capsys.readouterr().out
+    assert "data: 24 train examples / 8 eval examples" in capsys.readouterr().out
 
 
 def test_presets_replace_defaults_and_flags_win():
