@@ -22,7 +22,6 @@ scoring, this file drives someone else's; each stays readable alone.
 """
 import argparse
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass

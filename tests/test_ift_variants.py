@@ -2,7 +2,6 @@
 loop written from its definition, and train.py's flags for them."""
 import json
 import math
-from functools import partial
 
 import pytest
 import torch

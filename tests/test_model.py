@@ -106,17 +106,24 @@ def test_kv_cache_decoding_matches_full_forward(case, tmp_path):
     assert torch.equal(out, hf_out)
 
 
+def left_padded_prompts(lengths=(11, 4, 8)):
+    """Random prompts of different lengths, left-padded with 0 into one batch: (prompts, idx, pad)."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, TINY["vocab_size"], (n,), generator=g) for n in lengths]
+    T = max(lengths)
+    pad = torch.tensor([T - n for n in lengths])
+    idx = torch.stack([torch.cat([torch.zeros(T - len(p), dtype=torch.long), p]) for p in prompts])
+    return prompts, idx, pad
+
+
 @pytest.mark.parametrize("case", ["mistral_window", "qwen2_window_layers", "llama3_tied"])
 def test_left_padded_batch_equals_each_prompt_alone(case, tmp_path):
     """Prompts of different lengths in one left-padded batch: the same logits and greedy continuations as
     each prompt run alone (positions count from a row's first real token; padding is masked)."""
     kind, overrides = CASES[case]
     ours = load_ours(make_hf(kind, **overrides), tmp_path)
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, TINY["vocab_size"], (n,), generator=g) for n in (11, 4, 8)]
-    T = max(len(p) for p in prompts)
-    pad = torch.tensor([T - len(p) for p in prompts])
-    idx = torch.stack([torch.cat([torch.zeros(T - len(p), dtype=torch.long), p]) for p in prompts])
+    prompts, idx, pad = left_padded_prompts()
+    T = idx.shape[1]
     with torch.no_grad():
         batched = ours(idx, pad=pad)
         assert torch.isfinite(batched).all()  # padding positions included: no all-masked softmax row
@@ -151,11 +158,8 @@ def test_compiled_static_cache_decoding_gives_the_eager_tokens(case, tmp_path, c
     batch 3, past every sliding window, and one graph for every position and call."""
     kind, overrides = CASES[case]
     ours = load_ours(make_hf(kind, **overrides), tmp_path)
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, TINY["vocab_size"], (n,), generator=g) for n in (11, 4, 8)]
-    T = max(len(p) for p in prompts)
-    pad = torch.tensor([T - len(p) for p in prompts])
-    idx = torch.stack([torch.cat([torch.zeros(T - len(p), dtype=torch.long), p]) for p in prompts])
+    prompts, idx, pad = left_padded_prompts()
+    T = idx.shape[1]
     eager = ours.generate(idx, 14, temperature=0, pad=pad, compile=False)
     assert torch.equal(ours.generate(idx, 14, temperature=0, pad=pad, compile=True), eager)
     eos = int(eager[1, T + 2])  # row 1 stops at its third new token, the others later or never

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import write_jsonl
 import train
 from model import ModelConfig, Transformer
 
@@ -23,12 +24,6 @@ def chat_rows(n, seed=0):
         rows.append({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
                                   {"role": "assistant", "content": f"{a} + {b} = {a + b}. #### {a + b}"}]})
     return rows
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """train.py --method dpo|tdpo|orpo|simpo end to end on a tiny model; the pair data schemas; the frozen reference."""
-import json
 import os
 import re
 
@@ -8,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import baselines
+from conftest import write_jsonl
 import train
 from data import DataError, to_pair, tokenize_pairs, tokenize_sources
 from model import Transformer
@@ -26,12 +26,6 @@ def pair_rows(n, seed=0):
                                   {"role": "assistant", "content": f"{a} + {b} = {a + b}. #### {a + b}"}],
                      "rejected": f"{a} + {b} = {a + b + 1}. #### {a + b + 1}"})
     return rows
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
