@@ -126,9 +126,12 @@ def simpo_loss(ac: torch.Tensor, ar: torch.Tensor, beta: float = 2.0, gamma: flo
 # The reference runs without gradient up to its final hidden states at answer positions (N, dim); the
 # policy's head then projects both, a chunk at a time, and keeps no (N, V) block for backward
 
-def answer_hidden(h: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
-    """A head that returns the final hidden states at answer positions, (N, dim), in row-major order."""
-    return h[targets != IGNORE]
+def answer_hidden(h: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor,
+                  answer: torch.Tensor | None = None) -> torch.Tensor:
+    """A head that returns the final hidden states at answer positions, (N, dim), in row-major order.
+    answer = ift.answer_index(targets), when given, spares the look at targets that waits for a GPU."""
+    answer = ift.answer_index(targets) if answer is None else answer
+    return h.flatten(0, 1)[answer]
 
 
 def _lse(z: torch.Tensor, rows: int = 32) -> torch.Tensor:
@@ -205,15 +208,16 @@ class _ChunkedNLLKL(torch.autograd.Function):
 
 
 def chunked_nll_kl(h: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, ref_h: torch.Tensor,
-                   ref_weight: torch.Tensor, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   ref_weight: torch.Tensor, chunk: int = CHUNK, answer: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h (B, T, dim) the policy's final hidden states, ref_h (N, dim) the reference's at the N answer positions
     (answer_hidden's order), ref_weight (V, dim) the reference's output projection -> per-token NLL under the
-    policy, KL(pi_ref || pi) and NLL under the reference (no gradient), each (B, T) float32, 0 where ignored."""
-    mask = targets != IGNORE
-    hs, ys = h[mask], targets[mask]  # (N, dim), (N,)
+    policy, KL(pi_ref || pi) and NLL under the reference (no gradient), each (B, T) float32, 0 where ignored.
+    answer as in answer_hidden."""
+    answer = ift.answer_index(targets) if answer is None else answer
+    hs, ys = h.flatten(0, 1)[answer], targets.flatten()[answer]  # (N, dim), (N,)
     nll, kl, ref_nll = _ChunkedNLLKL.apply(hs, lm_head.weight, ys, ref_h, ref_weight, chunk)
-    zeros = h.new_zeros(targets.shape, dtype=torch.float32)
-    return tuple(zeros.masked_scatter(mask, t) for t in (nll, kl, ref_nll))
+    return tuple(ift.place_answers(t, answer, targets) for t in (nll, kl, ref_nll))
 
 
 def full_weight(w: torch.Tensor) -> torch.Tensor:
@@ -227,24 +231,26 @@ def full_weight(w: torch.Tensor) -> torch.Tensor:
 
 def pair_forward(model: nn.Module, ref: nn.Module | None, idx: torch.Tensor, targets: torch.Tensor, method: str,
                  beta: float = 0.0, alpha: float = PAPER_TDPO_ALPHA, gamma_ratio: float = PAPER_SIMPO_GAMMA_RATIO,
-                 chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                 chunk: int = CHUNK, answer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss of `method` on idx, targets (2B, T), the B chosen rows then the B rejected rows, with one
     policy forward (and, for DPO / TDPO, one forward of the frozen reference `ref` without gradient).
     beta 0 means the method's paper default. -> (loss, stats), stats = [sum of the kept pairs' margins,
-    kept pairs the chosen answer wins (margin > 0), kept pairs] (3,) float32, for the log."""
+    kept pairs the chosen answer wins (margin > 0), kept pairs] (3,) float32, for the log.
+    answer = ift.answer_index(targets), built on the CPU, keeps the step free of waits for a GPU."""
     beta = beta or PAPER_BETA[method]
+    answer = ift.answer_index(targets) if answer is None else answer
     B = idx.size(0) // 2
     if method == "tdpo":  # one reference pass to its hidden states; the policy's head projects both
         with torch.no_grad():
-            ref_h = ref(idx, head=partial(answer_hidden, targets=targets))  # (N, dim)
+            ref_h = ref(idx, head=partial(answer_hidden, targets=targets, answer=answer))  # (N, dim)
             ref_weight = full_weight(ref.lm_head.weight)
         nll, kl, ref_nll = model(idx, head=partial(chunked_nll_kl, targets=targets, ref_h=ref_h,
-                                                   ref_weight=ref_weight, chunk=chunk))
+                                                   ref_weight=ref_weight, chunk=chunk, answer=answer))
     else:
-        nll = model(idx, head=partial(ift.chunked_nll, targets=targets, chunk=chunk))  # (2B, T)
+        nll = model(idx, head=partial(ift.chunked_nll, targets=targets, chunk=chunk, answer=answer))  # (2B, T)
         if method == "dpo":
             with torch.no_grad():  # the reference contributes per-sequence sums only
-                ref_nll = ref(idx, head=partial(ift.chunked_nll, targets=targets, chunk=chunk))
+                ref_nll = ref(idx, head=partial(ift.chunked_nll, targets=targets, chunk=chunk, answer=answer))
     l, n = sequence_logps(nll, targets)  # (2B,) each
     keep = nonempty_pairs(n)
     if method in REFERENCE_METHODS:

@@ -129,6 +129,36 @@ for label, ctx in [("float32", torch.autocast(dev.type, enabled=False)),
                 m(x, pad=padded).float().mean().backward()
         print(f"sdpa kernels, training forward + backward, {label}{', left-padded' if padded is not None else ''}: "
               f"{sdpa_kernels(fwd_bwd)}")
+
+# host syncs in one IFT micro-step, the batch moved as train.py moves it (answer index built on the CPU,
+# train.to_device: pinned, non_blocking) and the plain way (.to(dev), index built on the device). On CUDA,
+# torch.cuda.set_sync_debug_mode("warn") warns at each op that makes the CPU wait. Prediction: 0 and >= 3.
+import warnings
+
+import ift
+import train
+
+x = torch.randint(0, 512, (2, 128))
+y = x.roll(-1, 1)
+y[:, :40] = ift.IGNORE
+for way in ("train.py", "plain"):
+    if way == "train.py":
+        batch = [train.to_device(t, dev) for t in (x, y, ift.answer_index(y))]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("warn")
+        if way == "plain":
+            batch = [x.to(dev), y.to(dev), None]
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            loss, _, _ = ift.ift_forward(m, batch[0], batch[1], 0.2, 0.95, answer=batch[2])
+        loss.backward()
+        if dev.type == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    where = sorted({str(w.message).split("\n")[0][:100] for w in seen})
+    print(f"host syncs in one IFT micro-step, {way} way: {len(seen)}"
+          f"{'' if dev.type == 'cuda' else ' (CPU: no detector, the step only ran)'}", *where, sep="\n    ")
 EOF
 
 # decoding at batch 1 (the roofline figure): eager, compiled, transformers; 128 new tokens

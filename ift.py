@@ -179,8 +179,8 @@ def answer_index(targets: torch.Tensor) -> torch.Tensor:
     return (targets.flatten() != IGNORE).nonzero().squeeze(1)
 
 
-def _place(values: torch.Tensor, answer: torch.Tensor, targets: torch.Tensor, fill=0) -> torch.Tensor:
-    # values (N,) back at the answer positions of a (B, T) tensor, fill elsewhere; differentiable in values
+def place_answers(values: torch.Tensor, answer: torch.Tensor, targets: torch.Tensor, fill=0) -> torch.Tensor:
+    """values (N,) back at the answer positions of a (B, T) tensor, fill elsewhere; differentiable in values."""
     out = torch.full((targets.numel(),), fill, dtype=values.dtype, device=values.device)
     return out.index_put((answer,), values).view(targets.shape)
 
@@ -255,14 +255,14 @@ def chunked_nll(h: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor,
     answer = answer_index(targets) if answer is None else answer
     hs, ys = h.flatten(0, 1)[answer], targets.flatten()[answer]  # (N, dim), (N,): answer positions only
     if torch.is_grad_enabled() and isinstance(lm_head, nn.Linear) and lm_head.bias is None:
-        return _place(_ChunkedNLL.apply(hs, lm_head.weight, ys, chunk), answer, targets)
+        return place_answers(_ChunkedNLL.apply(hs, lm_head.weight, ys, chunk), answer, targets)
     parts = []
     for hc, yc in zip(hs.split(chunk), ys.split(chunk)):  # an empty batch still gives one empty chunk
         if torch.is_grad_enabled():
             parts.append(checkpoint(_chunk_nll, lm_head, hc, yc, use_reentrant=False))
         else:
             parts.append(_chunk_nll(lm_head, hc, yc))
-    return _place(torch.cat(parts), answer, targets)
+    return place_answers(torch.cat(parts), answer, targets)
 
 
 @torch.no_grad()
@@ -280,7 +280,7 @@ def chunked_guess(h: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor,
         z = lm_head(hc).float()  # (c, V)
         guesses.append(z.argmax(-1) if guess is None else guess(z))
         nlls.append(F.cross_entropy(z, yc, reduction="none"))
-    return _place(torch.cat(guesses), answer, targets, IGNORE), _place(torch.cat(nlls), answer, targets)
+    return place_answers(torch.cat(guesses), answer, targets, IGNORE), place_answers(torch.cat(nlls), answer, targets)
 
 
 # -------------------------------------------------------------------------------------------------

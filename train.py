@@ -154,6 +154,15 @@ def init_distributed(device: str, fsdp: bool = False):
     return rank, world, dev
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A batch tensor built on the CPU, on `device`. On CUDA it goes through pinned memory with non_blocking:
+    a plain .to("cuda") from pageable memory synchronizes the stream, so the CPU would wait for the previous
+    micro-step's backward before queuing the next forward. Elsewhere a plain .to()."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def print0(*args, **kw):
     if int(os.environ.get("RANK", 0)) == 0:
         tqdm.write(" ".join(str(a) for a in args), **kw)
@@ -450,7 +459,7 @@ def main(argv=None):
                 batch = [chosen for chosen, _ in batch] + [rejected for _, rejected in batch]
             x, y = collate(batch)
             answer = ift.answer_index(y)  # here on the CPU, so the loss never waits for the GPU (ift.chunked_nll)
-            x, y, answer = (t.to(device) for t in (x, y, answer))
+            x, y, answer = (to_device(t, device) for t in (x, y, answer))
             last = micro == cfg.grad_accum - 1  # all-reduce gradients only on the last micro-step
             if cfg.fsdp:
                 raw.set_requires_gradient_sync(last)
@@ -465,7 +474,7 @@ def main(argv=None):
                         cfg.propagation, cfg.propagation_side, cfg.propagation_norm), answer=answer)
                 elif pairs:
                     loss, pair_stats = baselines.pair_forward(model, ref, x, y, cfg.method, cfg.beta, cfg.alpha,
-                                                              cfg.simpo_gamma_ratio)
+                                                              cfg.simpo_gamma_ratio, answer=answer)
                     first = loss
                     stats[3:] += pair_stats
                 else:

@@ -14,12 +14,32 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 torch.set_num_threads(min(4, os.cpu_count() or 1))
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records the ops that, on a GPU, make the CPU wait for the GPU: those whose output size or value the CPU
+    must read (nonzero, masked_select, item, ...), and indexing with a boolean mask (a nonzero inside)."""
+    SYNCING = {"nonzero", "masked_select", "masked_scatter", "_local_scalar_dense", "is_nonzero", "equal",
+               "unique", "_unique2", "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__.rstrip("_")
+        by_mask = name in ("index", "index_put") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []) or [])
+        if name in self.SYNCING or by_mask:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def write_jsonl(path, rows) -> str:

@@ -8,6 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import baselines
+import ift
+from conftest import HostSyncs
 from ift import IGNORE
 
 V, DIM = 7, 4
@@ -122,6 +124,24 @@ def test_pair_losses_and_gradients_equal_the_formula_loops(method):
     for got, want in zip(grads(loss, policy), grads(slow, policy)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert stats[2].item() == 2  # 3 pairs, one dropped
+
+
+@pytest.mark.parametrize("method", baselines.PAIR_METHODS)
+def test_pair_path_waits_for_no_gpu(method):
+    """With the answer index built beside the batch (train.py builds it on the CPU), the loss of every pair
+    method, its reference pass and its backward run no op that makes the CPU wait for a GPU; loss, stats and
+    gradients are bitwise those of the default call, which builds the index itself (the detector sees that)."""
+    targets = pair_batch()
+    out = {}
+    for given in (None, ift.answer_index(targets)):
+        policy, ref = models(targets)
+        with HostSyncs() as mode:
+            loss, stats = baselines.pair_forward(policy, ref, torch.zeros_like(targets), targets, method, chunk=2,
+                                                 answer=given)
+            loss.backward()
+        out[given is None] = mode.seen, [loss, stats, policy.h.grad, policy.lm_head.weight.grad]
+    assert out[False][0] == [] and out[True][0]
+    assert all(torch.equal(a, b) for a, b in zip(out[False][1], out[True][1]))
 
 
 @pytest.mark.parametrize("method", baselines.PAIR_METHODS)

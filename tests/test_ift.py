@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ift
+from conftest import HostSyncs
 from ift import IGNORE
 from model import ModelConfig, Transformer
 
@@ -199,25 +200,6 @@ def test_chunked_head_matches_unchunked(V, chunk):
         assert a.dtype == torch.float32
         err, autograd_err = (a.double() - e).norm(), (b.double() - e).norm()
         assert err <= 1.5 * autograd_err + 1e-6 * e.norm() and err < 1e-2 * e.norm()
-
-
-class HostSyncs(TorchDispatchMode):
-    """Records the ops that, on a GPU, make the CPU wait for the GPU: those whose output size or value the CPU
-    must read (nonzero, masked_select, item, ...), and indexing with a boolean mask (a nonzero inside)."""
-    SYNCING = {"nonzero", "masked_select", "masked_scatter", "_local_scalar_dense", "is_nonzero", "equal",
-               "unique", "_unique2", "repeat_interleave"}
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__.rstrip("_")
-        by_mask = name in ("index", "index_put") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []) or [])
-        if name in self.SYNCING or by_mask:
-            self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("method", ["sft", "ift"])
