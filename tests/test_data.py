@@ -111,3 +111,20 @@ def test_examples_without_an_answer_token_are_dropped_and_counted(tmp_path, smol
     (tmp_path / "empty.jsonl").write_text(json.dumps(rows[1]) + "\n")
     with pytest.raises(DataError, match="no example has an answer token to learn"):
         tokenize_sources(str(tmp_path / "empty.jsonl"), plain, 64, log=logged.append)
+
+
+def test_pairs_with_an_empty_side_are_dropped_and_counted(tmp_path, smollm2_dir):
+    """Preference rows (UltraFeedback's string form) under a template that ends turns in plain text: a pair
+    whose rejected answer leaves no token to learn is dropped, the log says how many, and a file of only such
+    pairs stops with one message."""
+    from data import tokenize_pairs
+    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": "" if i == 2 else f"bad {i}"} for i in range(3)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plain = _plain_template_dir(tmp_path, smollm2_dir)
+    logged = []
+    pairs = tokenize_pairs(str(tmp_path / "p.jsonl"), plain, 64, log=logged.append)
+    assert len(pairs) == 2 and len(logged) == 1
+    assert logged[0].startswith("data: dropped 1 of 3 pairs with a side left without answer tokens"), logged
+    (tmp_path / "empty.jsonl").write_text(json.dumps(rows[2]) + "\n")
+    with pytest.raises(DataError, match="no pair has answer tokens left on both sides"):
+        tokenize_pairs(str(tmp_path / "empty.jsonl"), plain, 64, log=logged.append)
