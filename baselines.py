@@ -222,7 +222,8 @@ def chunked_nll_kl(h: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, r
 
 def full_weight(w: torch.Tensor) -> torch.Tensor:
     """A parameter as one whole tensor: under FSDP2 the reference's output projection is a sharded DTensor
-    outside its forward; gather it (every rank calls this) for the policy's head. Else the parameter itself."""
+    outside its forward; gather it (every rank calls this) for the policy's head. Else the parameter itself.
+    The reference never changes, so train.py gathers it once per run and passes it to pair_forward."""
     return w.full_tensor() if hasattr(w, "full_tensor") else w
 
 
@@ -231,19 +232,21 @@ def full_weight(w: torch.Tensor) -> torch.Tensor:
 
 def pair_forward(model: nn.Module, ref: nn.Module | None, idx: torch.Tensor, targets: torch.Tensor, method: str,
                  beta: float = 0.0, alpha: float = PAPER_TDPO_ALPHA, gamma_ratio: float = PAPER_SIMPO_GAMMA_RATIO,
-                 chunk: int = CHUNK, answer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 chunk: int = CHUNK, answer: torch.Tensor | None = None, ref_weight: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss of `method` on idx, targets (2B, T), the B chosen rows then the B rejected rows, with one
     policy forward (and, for DPO / TDPO, one forward of the frozen reference `ref` without gradient).
     beta 0 means the method's paper default. -> (loss, stats), stats = [sum of the kept pairs' margins,
     kept pairs the chosen answer wins (margin > 0), kept pairs] (3,) float32, for the log.
-    answer = ift.answer_index(targets), built on the CPU, keeps the step free of waits for a GPU."""
+    answer = ift.answer_index(targets), built on the CPU, keeps the step free of waits for a GPU. ref_weight:
+    TDPO's reference output projection as one tensor, full_weight(ref.lm_head.weight) (computed here if None)."""
     beta = beta or PAPER_BETA[method]
     answer = ift.answer_index(targets) if answer is None else answer
     B = idx.size(0) // 2
     if method == "tdpo":  # one reference pass to its hidden states; the policy's head projects both
         with torch.no_grad():
             ref_h = ref(idx, head=partial(answer_hidden, targets=targets, answer=answer))  # (N, dim)
-            ref_weight = full_weight(ref.lm_head.weight)
+            ref_weight = full_weight(ref.lm_head.weight) if ref_weight is None else ref_weight
         nll, kl, ref_nll = model(idx, head=partial(chunked_nll_kl, targets=targets, ref_h=ref_h,
                                                    ref_weight=ref_weight, chunk=chunk, answer=answer))
     else:

@@ -423,6 +423,9 @@ def main(argv=None):
             ref = Transformer.from_pretrained(init_dir, ref_dtype, device, shard=prepare).requires_grad_(False)
         except (KeyError, ValueError) as e:
             sys.exit(f"error: {e}")
+    # TDPO's policy head projects the reference's hidden states through the reference's output projection:
+    # under FSDP gathered once here (it never changes), not on every micro-step
+    ref_head = baselines.full_weight(ref.lm_head.weight) if cfg.method == "tdpo" else None
     opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
     optimizer = opt_cls(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = resumed_at = load_checkpoint(ckpt, raw, optimizer, cfg) if cfg.resume else 0
@@ -474,7 +477,8 @@ def main(argv=None):
                         cfg.propagation, cfg.propagation_side, cfg.propagation_norm), answer=answer)
                 elif pairs:
                     loss, pair_stats = baselines.pair_forward(model, ref, x, y, cfg.method, cfg.beta, cfg.alpha,
-                                                              cfg.simpo_gamma_ratio, answer=answer)
+                                                              cfg.simpo_gamma_ratio, answer=answer,
+                                                              ref_weight=ref_head)
                     first = loss
                     stats[3:] += pair_stats
                 else:

@@ -1,6 +1,8 @@
 """train.py --method dpo|tdpo|orpo|simpo end to end on a tiny model; the pair data schemas; the frozen reference."""
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -172,3 +174,34 @@ def test_dpo_trains_and_resume_equals_the_uninterrupted_run_with_the_original_re
     train.main(cut + ["--resume"])
     resumed = load_file(tmp_path / "cut" / "model.safetensors")
     assert all(torch.equal(full[k], resumed[k]) for k in full), "resumed run differs from the uninterrupted one"
+
+
+def test_fsdp_tdpo_without_torchrun_ends_where_the_plain_run_ends(tiny_dir, pairs_file, tmp_path):
+    """`python train.py --fsdp --method tdpo`, a world of one: the reference is sharded, its output projection
+    gathered once for the policy's head; the weights end bit for bit where the plain run's end."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    train.main(args(tiny_dir, pairs_file, tmp_path / "plain", "--method", "tdpo"))
+    cmd = [sys.executable, os.path.join(root, "train.py"),
+           *args(tiny_dir, pairs_file, tmp_path / "fsdp", "--method", "tdpo", "--fsdp")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    a, b = (load_file(os.path.join(tmp_path / d, "model.safetensors")) for d in ("plain", "fsdp"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same thread count: the same float32 sums, bit for bit
+
+
+def test_tdpo_projects_through_the_frozen_reference_head(tiny_dir, pairs_file, tmp_path, monkeypatch):
+    """TDPO's KL head gets the reference's output projection: the initial weights at every step, never the
+    policy's (trained) parameter."""
+    seen, pair_forward = [], baselines.pair_forward
+
+    def recording(model, ref, *a, ref_weight=None, **kw):
+        seen.append(ref_weight.detach().clone())
+        policy = getattr(model, "module", model)
+        assert ref_weight.data_ptr() != policy.lm_head.weight.data_ptr()
+        return pair_forward(model, ref, *a, ref_weight=ref_weight, **kw)
+
+    monkeypatch.setattr(baselines, "pair_forward", recording)
+    train.main(args(tiny_dir, pairs_file, tmp_path / "out", "--method", "tdpo"))
+    initial = load_file(os.path.join(tiny_dir, "model.safetensors"))["lm_head.weight"]
+    assert len(seen) == 6 and all(torch.equal(w, initial) for w in seen)  # 3 steps x 2 micro-steps
