@@ -14,6 +14,10 @@
 OUT=${OUT:-out-gpu-check}
 DEV=${GPU_CHECK_DEVICE:-cuda}
 mkdir -p "$OUT"
+if ! command -v python > /dev/null; then  # images that have only python3 on the PATH
+    mkdir -p /tmp/gpu_check_bin && ln -sf "$(command -v python3)" /tmp/gpu_check_bin/python
+    export PATH="/tmp/gpu_check_bin:$PATH"
+fi
 
 main() {
 
