@@ -126,11 +126,9 @@ def simpo_loss(ac: torch.Tensor, ar: torch.Tensor, beta: float = 2.0, gamma: flo
 # The reference runs without gradient up to its final hidden states at answer positions (N, dim); the
 # policy's head then projects both, a chunk at a time, and keeps no (N, V) block for backward
 
-def answer_hidden(h: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor,
-                  answer: torch.Tensor | None = None) -> torch.Tensor:
-    """A head that returns the final hidden states at answer positions, (N, dim), in row-major order.
-    answer = ift.answer_index(targets), when given, spares the look at targets that waits for a GPU."""
-    answer = ift.answer_index(targets) if answer is None else answer
+def answer_hidden(h: torch.Tensor, lm_head: nn.Module, answer: torch.Tensor) -> torch.Tensor:
+    """A head that returns the final hidden states at the answer positions answer = ift.answer_index(targets),
+    (N, dim), in row-major order."""
     return h.flatten(0, 1)[answer]
 
 
@@ -208,13 +206,12 @@ class _ChunkedNLLKL(torch.autograd.Function):
 
 
 def chunked_nll_kl(h: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, ref_h: torch.Tensor,
-                   ref_weight: torch.Tensor, chunk: int = CHUNK, answer: torch.Tensor | None = None,
+                   ref_weight: torch.Tensor, answer: torch.Tensor, chunk: int = CHUNK,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h (B, T, dim) the policy's final hidden states, ref_h (N, dim) the reference's at the N answer positions
-    (answer_hidden's order), ref_weight (V, dim) the reference's output projection -> per-token NLL under the
-    policy, KL(pi_ref || pi) and NLL under the reference (no gradient), each (B, T) float32, 0 where ignored.
-    answer as in answer_hidden."""
-    answer = ift.answer_index(targets) if answer is None else answer
+    answer = ift.answer_index(targets) (answer_hidden's order), ref_weight (V, dim) the reference's output
+    projection -> per-token NLL under the policy, KL(pi_ref || pi) and NLL under the reference (no gradient),
+    each (B, T) float32, 0 where ignored."""
     hs, ys = h.flatten(0, 1)[answer], targets.flatten()[answer]  # (N, dim), (N,)
     nll, kl, ref_nll = _ChunkedNLLKL.apply(hs, lm_head.weight, ys, ref_h, ref_weight, chunk)
     return tuple(ift.place_answers(t, answer, targets) for t in (nll, kl, ref_nll))
@@ -245,10 +242,10 @@ def pair_forward(model: nn.Module, ref: nn.Module | None, idx: torch.Tensor, tar
     B = idx.size(0) // 2
     if method == "tdpo":  # one reference pass to its hidden states; the policy's head projects both
         with torch.no_grad():
-            ref_h = ref(idx, head=partial(answer_hidden, targets=targets, answer=answer))  # (N, dim)
+            ref_h = ref(idx, head=partial(answer_hidden, answer=answer))  # (N, dim)
             ref_weight = full_weight(ref.lm_head.weight) if ref_weight is None else ref_weight
         nll, kl, ref_nll = model(idx, head=partial(chunked_nll_kl, targets=targets, ref_h=ref_h,
-                                                   ref_weight=ref_weight, chunk=chunk, answer=answer))
+                                                   ref_weight=ref_weight, answer=answer, chunk=chunk))
     else:
         nll = model(idx, head=partial(ift.chunked_nll, targets=targets, chunk=chunk, answer=answer))  # (2B, T)
         if method == "dpo":
