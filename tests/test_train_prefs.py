@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import baselines
-from conftest import write_jsonl
+from conftest import ROOT, write_jsonl
 import train
 from data import DataError, to_pair, tokenize_pairs, tokenize_sources
 from model import Transformer
@@ -179,9 +179,8 @@ def test_dpo_trains_and_resume_equals_the_uninterrupted_run_with_the_original_re
 def test_fsdp_tdpo_without_torchrun_ends_where_the_plain_run_ends(tiny_dir, pairs_file, tmp_path):
     """`python train.py --fsdp --method tdpo`, a world of one: the reference is sharded, its output projection
     gathered once for the policy's head; the weights end bit for bit where the plain run's end."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     train.main(args(tiny_dir, pairs_file, tmp_path / "plain", "--method", "tdpo"))
-    cmd = [sys.executable, os.path.join(root, "train.py"),
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"),
            *args(tiny_dir, pairs_file, tmp_path / "fsdp", "--method", "tdpo", "--fsdp")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
                        env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
