@@ -2,6 +2,7 @@
 loop written from its definition, and train.py's flags for them."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -245,11 +246,16 @@ def test_flags_parse_and_bad_values_stop_in_one_line(capsys):
     default = train.TrainConfig()
     assert (default.guess, default.propagation, default.propagation_side, default.propagation_norm) == (
         "greedy", "loss", "left", "L1")
-    for flags, message in [(["--guess", "nucleus"], "--guess must be one of"),
-                           (["--propagation", "logp"], "--propagation must be one of"),
-                           (["--propagation_side", "middle"], "--propagation_side must be one of"),
-                           (["--propagation_norm", "L3"], "--propagation_norm must be one of"),
-                           (["--guess_k", "0"], "--guess_k must be >= 1"),
+    # a bad choice is refused by argparse's choices or by train.py's own check; either way one line that names
+    # the flag and lists the allowed values
+    for flags, allowed in [(["--guess", "nucleus"], "sample"), (["--propagation", "logp"], "logps"),
+                           (["--propagation_side", "middle"], "right"), (["--propagation_norm", "L3"], "softmax")]:
+        with pytest.raises(SystemExit):
+            train.parse_args(flags)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert re.search(rf"(argument {flags[0]}: invalid choice: '{flags[1]}'|{flags[0]} must be one of)", err) \
+            and allowed in err, (flags, err)
+    for flags, message in [(["--guess_k", "0"], "--guess_k must be >= 1"),
                            (["--guess_temperature", "0"], "--guess_temperature > 0")]:
         with pytest.raises(SystemExit):
             train.parse_args(flags)
