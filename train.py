@@ -13,24 +13,27 @@ torchrun. fp32 master weights with bf16 autocast on CUDA, float32 on CPU. out_di
 model directory; out_dir/checkpoint/ holds the latest resumable state (weights, optimizer, step, RNG).
 """
 import argparse
-import json
+import hashlib
+import inspect
 import math
 import os
-import shutil
-import sys
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 import baselines
+import checkpoint
 import ift
 from convert_gguf import DEFAULT_OUT, ensure_default
-from data import DataError, batch_indices, collate, tokenize_pairs, tokenize_sources
-from hf_checkpoint import read_config, read_into
+from data import batch_indices, collate, tokenize_pairs, tokenize_sources
+from errors import ArgumentParser, Interrupted, UserError, run, signals_deferred
+from hf_checkpoint import local, read_config
 from model import ModelConfig, Transformer, pick_device, resolve_checkpoint
 from presets import METHOD_PRESETS, PRESETS
 from tokenizer import Tokenizer
@@ -39,99 +42,131 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig:  # each field's comment is its --help text
     # model and data
     init: str = DEFAULT_OUT         # checkpoint dir or hub id; default: the embedded SmolLM2-135M-Instruct
     data: str = os.path.join(HERE, "data", "chain_train.jsonl")  # comma-separated sources, see data.py
     eval_data: str = os.path.join(HERE, "data", "chain_test.jsonl")  # "" -> hold out eval_fraction of data
-    eval_fraction: float = 0.02
-    out_dir: str = "out"
+    eval_fraction: float = 0.02     # share of --data held out when --eval_data is "", in (0, 1)
+    out_dir: str = "out"            # a new or empty folder (or this run's own, with --resume)
     max_length: int = 256           # tokens per example; the prompt is cut from the left
     learn_all_turns: bool = False   # learn every assistant turn, not only the final one (the paper's setup)
     num_proc: int = 1               # processes for tokenization
     # method: IFT (lam, gamma and the lambda schedule) or SFT; or a preference baseline on pairs (baselines.py)
-    method: str = "ift"             # "ift" | "sft" | "dpo" | "tdpo" | "orpo" | "simpo"
-    lam: float = 0.2                # temporal residual weight of the model's own guesses (paper: 0.2)
-    gamma: float = 0.95             # relation propagation discount (paper: 0.95)
-    lam_schedule: str = "constant"  # "constant" | "linear" (lam_min -> lam over the warmup steps)
-    lam_min: float = 0.0
+    method: str = "ift"             # ift and sft train on answers, the others on chosen/rejected pairs
+    lam: float = 0.2                # temporal residual weight of the model's own guesses (paper: 0.2), in [0, 1]
+    gamma: float = 0.95             # relation propagation discount (paper: 0.95), in [0, 1]
+    lam_schedule: str = "constant"  # linear: lam_min -> lam over the warmup steps
+    lam_min: float = 0.0            # first lam of the linear schedule, in [0, 1]
     lam_noise: float = 0.0          # sigma of the noisy lambda of the paper's Table 7 (0.5 there); 0 = off
     # the released code's other IFT modes (ift.guess_picker, ift.propagation_variant); defaults are the paper's
-    guess: str = "greedy"           # first-pass guess: "greedy" | "topk" | "sample"
+    guess: str = "greedy"           # first-pass guess
     guess_k: int = 2                # topk guesses the k-th most likely token (not a sample)
     guess_temperature: float = 0.7  # sample draws from softmax(logits / temperature)
-    propagation: str = "loss"       # what is propagated: "loss" | "mask" | "logps"
-    propagation_side: str = "left"  # "left" (discounted suffix sums) | "right" (prefix sums, inverted)
-    propagation_norm: str = "L1"    # sharpening: "L1" | "L2" | "softmax" | "log"
+    propagation: str = "loss"       # what is propagated
+    propagation_side: str = "left"  # left: discounted suffix sums; right: prefix sums, inverted
+    propagation_norm: str = "L1"    # how the propagated weights are sharpened
     beta: float = 0.0               # DPO/TDPO/ORPO/SimPO beta; 0 = the method's paper default (0.1/0.1/0.25/2.0)
     alpha: float = baselines.PAPER_TDPO_ALPHA  # TDPO2's weight of the sequential KL term (paper: 0.5)
     simpo_gamma_ratio: float = baselines.PAPER_SIMPO_GAMMA_RATIO  # SimPO's margin gamma / beta (paper: 0.8)
     # optimization
-    optimizer: str = "rmsprop"      # "rmsprop" (paper) | "adamw"
-    lr: float = 2e-5
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    grad_clip: float = 1.0          # 0 = off
+    optimizer: str = "rmsprop"      # rmsprop is the paper's
+    lr: float = 2e-5                # peak learning rate
+    weight_decay: float = 0.0       # decoupled (adamw) or L2 (rmsprop) weight decay
+    warmup_ratio: float = 0.1       # share of the steps with a linear warmup, then cosine decay to 0
+    grad_clip: float = 1.0          # clip the gradient norm at this value; 0 = off
     batch_size: int = 8             # examples per process per micro-step
     grad_accum: int = 1             # micro-steps per optimizer step, per process
     max_steps: int = 40             # optimizer steps; 0 -> epochs
-    epochs: float = 1.0
-    seed: int = 1337
+    epochs: float = 1.0             # passes over the data when --max_steps is 0
+    seed: int = 1337                # data order, guesses and initial RNG
     # system
-    device: str = "auto"            # "auto" | "cpu" | "cuda"
-    dtype: str = "auto"             # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "fp32"
-    fsdp: bool = False
-    compile: bool = False
-    grad_checkpointing: bool = False
+    device: str = "auto"            # auto: cuda when there is one
+    dtype: str = "auto"             # auto: bf16 autocast on CUDA, fp32 on CPU
+    fsdp: bool = False              # shard weights, gradients and optimizer state (FSDP2) instead of DDP
+    compile: bool = False           # torch.compile each transformer block
+    grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
     peak_tflops: float = 0.0        # one device's dense peak, for the MFU log; 0 = the GPU's row in PEAK_BF16_FLOPS
     # logging and checkpoints
     eval_every: int = 20            # steps; 0 = only at the end
     eval_max: int = 64              # eval examples at most
     save_every: int = 0             # steps; 0 = only at the end
     sample_every: int = -1          # print a greedy sample of one eval prompt at start and end (-1), never (0)
-    resume: bool = False
+    resume: bool = False            # continue the checkpoint in out_dir (same method, data, init, seed, batch)
     auto_resume: bool = False       # resume when out_dir holds a checkpoint, else start fresh (torchrun --max-restarts)
     stop_at: int = 0                # end this process after step N, checkpoint saved (time-boxed jobs); 0 = off
-    wandb_project: str = ""
+    wandb_project: str = ""         # log to Weights & Biases under this project; "" = off
+
+
+CHOICES = {"method": ("ift", "sft", *baselines.PAIR_METHODS), "optimizer": ("rmsprop", "adamw"),
+           "lam_schedule": ("constant", "linear"), "dtype": ("auto", "bf16", "fp32"), "device": ("auto", "cpu", "cuda"),
+           "guess": ("greedy", "topk", "sample"), "propagation": ("loss", "mask", "logps"),
+           "propagation_side": ("left", "right"), "propagation_norm": tuple(ift.SHARPEN)}
+
+
+def field_comments(cls) -> dict:
+    """{field: its trailing comment} read from the class source: the dataclass is --help's one source."""
+    return {m[1]: m[2] for m in re.finditer(r"^    (\w+): [^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M)}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, each flag with its default."""
 
 
 def parse_args(argv=None) -> TrainConfig:
     """Flags are generated from TrainConfig; --preset NAME first replaces defaults with the preset's values."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    pre = ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="default", choices=sorted(PRESETS), help="named defaults (presets.py)")
     known, rest = pre.parse_known_args(argv)
     defaults = asdict(TrainConfig())
     defaults.update(PRESETS[known.preset])
     # the preset's per-method changes (the paper's preference baselines train on pairs), for the method given
-    probe = argparse.ArgumentParser(add_help=False)
+    probe = ArgumentParser(add_help=False)
     probe.add_argument("--method", default=defaults["method"])
     defaults.update(METHOD_PRESETS.get(known.preset, {}).get(probe.parse_known_args(rest)[0].method, {}))
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 parents=[pre])
+    ap = ArgumentParser(description=__doc__, formatter_class=HelpFormatter, parents=[pre])
+    comments = field_comments(TrainConfig)
     for f in fields(TrainConfig):
+        kw = dict(default=defaults[f.name], help=comments.get(f.name, " "))
         if f.type is bool:
-            ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=defaults[f.name])
+            ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
         else:
-            ap.add_argument(f"--{f.name}", type=f.type, default=defaults[f.name])
+            ap.add_argument(f"--{f.name}", type=f.type, choices=CHOICES.get(f.name), **kw)
     args = vars(ap.parse_args(rest))
     args.pop("preset")
     cfg = TrainConfig(**args)
-    for name, allowed in [("method", ("ift", "sft", *baselines.PAIR_METHODS)), ("optimizer", ("rmsprop", "adamw")),
-                          ("lam_schedule", ("constant", "linear")), ("dtype", ("auto", "bf16", "fp32")),
-                          ("device", ("auto", "cpu", "cuda")), ("guess", ("greedy", "topk", "sample")),
-                          ("propagation", ("loss", "mask", "logps")), ("propagation_side", ("left", "right")),
-                          ("propagation_norm", tuple(ift.SHARPEN))]:
-        if getattr(cfg, name) not in allowed:
-            ap.error(f"--{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
-    if not 0 <= cfg.lam <= 1 or not 0 <= cfg.gamma <= 1:
-        ap.error("--lam and --gamma must lie in [0, 1]")
-    if cfg.guess_k < 1 or not cfg.guess_temperature > 0:
-        ap.error("--guess_k must be >= 1 and --guess_temperature > 0")
-    if cfg.beta < 0 or cfg.alpha < 0 or cfg.simpo_gamma_ratio < 0:
-        ap.error("--beta, --alpha and --simpo_gamma_ratio must be >= 0")
-    if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.max_length < 2:
-        ap.error("--batch_size and --grad_accum must be >= 1, --max_length >= 2")
+    problem = config_problem(cfg)
+    if problem:
+        ap.error(problem)
     return cfg
+
+
+def config_problem(cfg: TrainConfig) -> str | None:
+    """What is out of range in cfg, as argparse's one-line error; None when nothing is."""
+    numbers = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.type is float}
+    bad = next((name for name, v in numbers.items() if not math.isfinite(v)), None)
+    if bad:
+        return f"--{bad} must be a finite number, got {numbers[bad]}"
+    rules = [
+        (0 <= cfg.lam <= 1 and 0 <= cfg.gamma <= 1 and 0 <= cfg.lam_min <= 1,
+         "--lam, --gamma and --lam_min must lie in [0, 1]"),
+        (0 < cfg.eval_fraction < 1, "--eval_fraction must lie in (0, 1)"),
+        (0 <= cfg.warmup_ratio <= 1, "--warmup_ratio must lie in [0, 1]"),
+        (cfg.lr >= 0 and cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and cfg.lam_noise >= 0,
+         "--lr, --weight_decay, --grad_clip and --lam_noise must be >= 0"),
+        (cfg.guess_k >= 1 and cfg.guess_temperature > 0, "--guess_k must be >= 1 and --guess_temperature > 0"),
+        (cfg.beta >= 0 and cfg.alpha >= 0 and cfg.simpo_gamma_ratio >= 0,
+         "--beta, --alpha and --simpo_gamma_ratio must be >= 0"),
+        (cfg.batch_size >= 1 and cfg.grad_accum >= 1 and cfg.num_proc >= 1,
+         "--batch_size, --grad_accum and --num_proc must be >= 1"),
+        (cfg.max_length >= 2, "--max_length must be >= 2"),
+        (cfg.max_steps >= 0 and cfg.epochs > 0, "--max_steps must be >= 0 and --epochs > 0"),
+        (min(cfg.seed, cfg.eval_every, cfg.eval_max, cfg.save_every, cfg.stop_at) >= 0,
+         "--seed, --eval_every, --eval_max, --save_every and --stop_at must be >= 0"),
+        (cfg.sample_every >= -1, "--sample_every must be -1 (start and end), 0 (never) or more"),
+        (cfg.peak_tflops >= 0, "--peak_tflops must be >= 0"),
+    ]
+    return next((message for ok, message in rules if not ok), None)
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -142,7 +177,10 @@ def init_distributed(device: str, fsdp: bool = False):
     """(rank, world, device) from torchrun's environment; a single process without it. FSDP needs a process
     group even alone: a single process gets a world of one (an in-memory store, no ports)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    dev = pick_device(device)
+    try:
+        dev = pick_device(device)
+    except ValueError as e:  # --device cuda without one
+        raise UserError(str(e)) from None
     if dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(dev)
@@ -227,88 +265,6 @@ def flops_per_token(model: Transformer, seq_len: int, method: str) -> float:
 
 
 # -------------------------------------------------------------------------------------------------------------------
-# checkpoints: out_dir/checkpoint is replaced atomically (write checkpoint.tmp, then swap names)
-
-
-def find_checkpoint(out_dir: str) -> str | None:
-    for name in ("checkpoint", "checkpoint.old"):  # .old survives a crash between the two renames
-        path = os.path.join(out_dir, name)
-        if os.path.exists(os.path.join(path, "resume.pt")):
-            return path
-    return None
-
-
-def save_checkpoint(cfg, model, raw, optimizer, step, rank, tokenizer_dir, final=False):
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    # full (unsharded) state on CPU; every rank takes part (FSDP gathers), rank 0 writes
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd, osd = get_state_dict(model, optimizer, options=opts)
-    if rank == 0:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        tmp, dst = os.path.join(cfg.out_dir, "checkpoint.tmp"), os.path.join(cfg.out_dir, "checkpoint")
-        shutil.rmtree(tmp, ignore_errors=True)
-        raw.save_pretrained(tmp, state_dict=msd, tokenizer_dir=tokenizer_dir)
-        # the optimizer's moments as safetensors (a resumed rank reads only its rows of them), named
-        # "<parameter>.<moment>"; step and RNG in resume.pt, loadable with torch.load(weights_only=True)
-        save_file({f"{fqn}.{k}": v.contiguous() for fqn, moments in osd["state"].items() for k, v in moments.items()},
-                  os.path.join(tmp, "optimizer.safetensors"))
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.stack([s for s in torch.cuda.get_rng_state_all()])
-        torch.save({"step": step, "rng": rng}, os.path.join(tmp, "resume.pt"))
-        with open(os.path.join(tmp, "train_config.json"), "w") as f:
-            json.dump(dict(asdict(cfg), step=step, init_dir=tokenizer_dir), f, indent=2)  # init_dir: see main
-        if os.path.exists(dst):
-            os.replace(dst, dst + ".old")
-        os.replace(tmp, dst)
-        shutil.rmtree(dst + ".old", ignore_errors=True)
-        if final:  # publish the weights as out_dir itself: hard links, each swapped in atomically
-            for name in os.listdir(dst):
-                if name not in ("resume.pt", "optimizer.safetensors"):
-                    link = os.path.join(cfg.out_dir, name + ".tmp")
-                    if os.path.exists(link):
-                        os.remove(link)
-                    os.link(os.path.join(dst, name), link)
-                    os.replace(link, os.path.join(cfg.out_dir, name))
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def load_checkpoint(path, model, optimizer, cfg):
-    """Optimizer state, step and RNG of a checkpoint (its weights were loaded with the model). Each moment is
-    allocated like its parameter (sharded under FSDP) and filled from optimizer.safetensors with only the rows
-    this rank keeps: no rank ever holds the whole state, and no zero-initialized copy is made first."""
-    from safetensors import safe_open
-    with open(os.path.join(path, "train_config.json")) as f:
-        saved = json.load(f)["optimizer"]
-    if saved != cfg.optimizer:
-        sys.exit(f"error: {path} was trained with --optimizer {saved}; resume with the same optimizer")
-    file = os.path.join(path, "optimizer.safetensors")
-    if not os.path.exists(file):  # train.py before optimizer.safetensors kept the state inside resume.pt
-        sys.exit(f"error: {path} has no optimizer.safetensors (written by an older train.py); its weights load "
-                 "as --init, without --resume")
-    params = dict(model.named_parameters())
-    with safe_open(file, framework="pt") as f:  # names "<parameter>.<moment>"; 0-dim ones are step counters
-        moments = {name: torch.empty_like(params[name.rsplit(".", 1)[0]]) if f.get_slice(name).get_shape()
-                   else f.get_tensor(name) for name in f.keys()}
-    read_into(moments, dict.fromkeys(moments, file))
-    index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
-    osd = optimizer.state_dict()  # param_groups with this run's hyperparameters; state filled in below
-    for name, t in moments.items():
-        fqn, moment = name.rsplit(".", 1)
-        osd["state"].setdefault(index[id(params[fqn])], {})[moment] = t
-    if len(osd["state"]) != len(index):
-        sys.exit(f"error: {file} lacks the state of {len(index) - len(osd['state'])} parameters")
-    optimizer.load_state_dict(osd)
-    state = torch.load(os.path.join(path, "resume.pt"), map_location="cpu", weights_only=True)
-    torch.set_rng_state(state["rng"]["cpu"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(state["rng"]["cuda"]))
-    return state["step"]
-
-
-# -------------------------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -345,55 +301,88 @@ def sample(raw, tok, example, device, autocast, max_new_tokens=64) -> str:
     return tok.decode([t for t in out[0, prompt.shape[1]:].tolist() if t not in tok.eos_ids])
 
 
-def main(argv=None):
-    cfg = parse_args(argv)
-    try:
-        rank, world, device = init_distributed(cfg.device, cfg.fsdp)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    torch.manual_seed(cfg.seed + rank)
-    # ---- data first: every problem with it stops here, before any model or GPU time, and out_dir stays clean
-    ckpt = find_checkpoint(cfg.out_dir)
-    if cfg.auto_resume:  # a worker torchrun restarts continues the checkpoint its group left; a first start is fresh
-        cfg.resume = ckpt is not None
-    if ckpt and not cfg.resume:
-        sys.exit(f"{cfg.out_dir} holds a checkpoint; pass --resume (or --auto_resume) to continue it or choose "
-                 "another --out_dir")
-    if cfg.resume and not ckpt:
-        sys.exit(f"--resume: no checkpoint in {cfg.out_dir}")
-    try:
-        init_dir = resolve_checkpoint(ensure_default(cfg.init))
-        ModelConfig.from_hf(read_config(init_dir), source=os.path.join(init_dir, "config.json"))  # refusals first
-        tok = Tokenizer.from_pretrained(init_dir)
-        learn = "all" if cfg.learn_all_turns else "last"
-        pairs = cfg.method in baselines.PAIR_METHODS  # train on (chosen, rejected) pairs of examples
-        tokenize = tokenize_pairs if pairs else tokenize_sources
-        train = tokenize(cfg.data, init_dir, cfg.max_length, learn, cfg.seed, cfg.num_proc, print0)
-        # held out: the SFT loss of the (chosen) answers, for every method alike
-        if cfg.eval_data:
-            held = tokenize_sources(cfg.eval_data, init_dir, cfg.max_length, learn, cfg.seed, cfg.num_proc, print0)
-        else:  # hold out a fraction of the (shuffled) training data
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-            k = max(1, int(cfg.eval_fraction * len(train)))
-            held, train = [train[i] for i in order[:k]], [train[i] for i in order[k:]]
-            held = [chosen for chosen, _ in held] if pairs else held
-    except (DataError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    if cfg.resume and cfg.method in baselines.REFERENCE_METHODS:  # the reference must be the run's original init
-        with open(os.path.join(ckpt, "train_config.json")) as f:
-            saved = json.load(f).get("init_dir")
-        if saved != init_dir:
-            sys.exit(f"error: {ckpt} was trained from --init {saved}; --method {cfg.method} rebuilds its reference "
-                     f"model from --init (now {init_dir}): resume with the run's original --init")
-    held = held[: cfg.eval_max]
-    per_step = cfg.batch_size * cfg.grad_accum * world
-    total = cfg.max_steps or max(1, int(cfg.epochs * len(train) / per_step))
-    unit = "pairs" if pairs else "examples"
-    print0(f"data: {len(train)} train {unit} / {len(held)} eval examples; {per_step} {unit} per step, {total} steps")
+# -------------------------------------------------------------------------------------------------------------------
+# the run, phase by phase: where it writes, the data, the model, the loop, the save
 
-    # ---- model: fp32 master weights; bf16 autocast on CUDA. Built on the meta device and (with --fsdp) sharded
-    # before any weight is read, so each rank reads only its rows of each tensor; a resumed run reads the
-    # checkpoint's own weights
+
+def load_data(cfg: TrainConfig, init_dir: str):
+    """(tokenizer, train examples, held-out examples). Every problem with them, or with the model's config, stops
+    here, before any model or GPU time."""
+    hf = ModelConfig.from_hf(read_config(init_dir), source=os.path.join(init_dir, "config.json"))
+    if cfg.method == "ift" and cfg.guess == "topk" and cfg.guess_k > hf.vocab_size:
+        raise UserError(f"--guess_k {cfg.guess_k} is beyond the vocabulary of {init_dir} ({hf.vocab_size} tokens)")
+    tok = Tokenizer.from_pretrained(init_dir)
+    learn = "all" if cfg.learn_all_turns else "last"
+    pairs = cfg.method in baselines.PAIR_METHODS  # train on (chosen, rejected) pairs of examples
+    tokenize = tokenize_pairs if pairs else tokenize_sources
+    train = tokenize(cfg.data, init_dir, cfg.max_length, learn, cfg.seed, cfg.num_proc, print0)
+    # held out: the SFT loss of the (chosen) answers, for every method alike
+    if cfg.eval_data:
+        held = tokenize_sources(cfg.eval_data, init_dir, cfg.max_length, learn, cfg.seed, cfg.num_proc, print0)
+    else:  # hold out a fraction of the (shuffled) training data
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        k = max(1, int(cfg.eval_fraction * len(train)))
+        held, train = [train[i] for i in order[:k]], [train[i] for i in order[k:]]
+        held = [chosen for chosen, _ in held] if pairs else held
+    return tok, train, held[: cfg.eval_max]
+
+
+def fingerprint(examples) -> str:
+    """sha256 of the tokenized training examples: the data file, the tokenizer, --max_length and the turns learned,
+    all at once."""
+    h = hashlib.sha256()
+
+    def walk(x):  # examples are (ids, mask) arrays, pairs are two of them
+        if isinstance(x, (tuple, list)):
+            for part in x:
+                walk(part)
+        else:
+            h.update(np.asarray(x).tobytes())
+    walk(examples)
+    return h.hexdigest()
+
+
+# what --resume must find unchanged, and why
+MUST_MATCH = {"method": "--method", "init_dir": "--init", "seed": "--seed (the data order)",
+              "data_sha256": "training data (--data, the tokenizer, --max_length or --learn_all_turns)",
+              "examples_per_step": "examples per step (--batch_size x --grad_accum x processes: the data position)"}
+
+
+def check_resume(cfg: TrainConfig, ckpt: str, record: dict, total: int):
+    """Refuse in one line a --resume that cannot continue the run exactly; print what else changed, and add it to
+    the record's history (train_config.json then says what really ran)."""
+    saved = checkpoint.saved_config(ckpt)
+    for key, what in MUST_MATCH.items():
+        if key in saved and saved[key] != record[key]:
+            why = (f" (--method {cfg.method} rebuilds its reference model from --init)"
+                   if key == "init_dir" and cfg.method in baselines.REFERENCE_METHODS else "")
+            raise UserError(f"--resume: {ckpt} was trained with other {what}: {str(saved[key])[:64]}, now "
+                            f"{str(record[key])[:64]}{why}; resume with the run's own")
+    if saved["step"] > total:
+        raise UserError(f"--resume: {ckpt} is at step {saved['step']}, past this run's {total} steps "
+                        "(--max_steps, --epochs)")
+    skip = {"resume", "auto_resume", "stop_at", "history", "step"}
+    changed = {k: [saved[k], v] for k, v in record.items() if k in saved and saved[k] != v and k not in skip}
+    if changed:
+        print0("resume: changed since the checkpoint: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+    record["history"] = saved.get("history", []) + [{"resumed_at": saved["step"], "changed": changed}]
+
+
+def nonfinite(named_tensors, world: int) -> list[str]:
+    """Names of the tensors holding an inf or a nan, on any rank (each rank looks at its own shards)."""
+    mine = [name for name, t in named_tensors if not torch.isfinite(local(t)).all()]
+    if world > 1:
+        every = [None] * world
+        dist.all_gather_object(every, mine)
+        mine = sorted(set().union(*every))
+    return mine
+
+
+def build_model(cfg: TrainConfig, init_dir: str, ckpt: str | None, device, world: int):
+    """(raw model, the model to call (DDP-wrapped or not), the frozen reference or None, the optimizer, the
+    autocast context). fp32 master weights; bf16 autocast on CUDA. Built on the meta device and (with --fsdp)
+    sharded before any weight is read, so each rank reads only its rows of each tensor; a resumed run reads the
+    checkpoint's own weights."""
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not cfg.fsdp else nullcontext()
 
@@ -403,10 +392,12 @@ def main(argv=None):
         if cfg.fsdp:
             shard_fsdp(meta_model, bf16)
 
-    try:
-        raw = Transformer.from_pretrained(ckpt if cfg.resume else init_dir, torch.float32, device, shard=prepare)
-    except (KeyError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    source = ckpt or init_dir
+    raw = Transformer.from_pretrained(source, torch.float32, device, shard=prepare)
+    bad = nonfinite(raw.named_parameters(), world)
+    if bad:
+        raise UserError(f"{source}: {bad[0]}{f' and {len(bad) - 1} more' if bad[1:] else ''} hold non-finite "
+                        "values (inf or nan): training from them would publish a broken model")
     raw.grad_checkpointing = cfg.grad_checkpointing
     raw.train()
     model = raw
@@ -419,105 +410,182 @@ def main(argv=None):
         # No gradients, no optimizer state, not wrapped by DDP, never saved; sharded like the policy under FSDP.
         # bf16 weights when computing in bf16 on CUDA (half the policy's fp32 weights), else float32
         ref_dtype = torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32
-        try:
-            ref = Transformer.from_pretrained(init_dir, ref_dtype, device, shard=prepare).requires_grad_(False)
-        except (KeyError, ValueError) as e:
-            sys.exit(f"error: {e}")
+        ref = Transformer.from_pretrained(init_dir, ref_dtype, device, shard=prepare).requires_grad_(False)
+    opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
+    optimizer = opt_cls(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return raw, model, ref, optimizer, autocast
+
+
+def train_step(cfg, model, raw, ref, ref_head, optimizer, train, step, lam, rank, world, device, autocast):
+    """One optimizer step over grad_accum micro-batches. Returns the step's statistics, summed over the processes:
+    loss and first-pass SFT loss (each a mean over micro-steps), positions, pairs' margin sum, wins and count,
+    gradient norm (each process adds the same norm)."""
+    pairs = cfg.method in baselines.PAIR_METHODS
+    stats = torch.zeros(7, device=device)
+    for micro in range(cfg.grad_accum):
+        idx = batch_indices(step, micro, rank, world, cfg.batch_size, cfg.grad_accum, len(train), cfg.seed)
+        batch = [train[i] for i in idx]
+        if pairs:  # B pairs are 2B rows: the chosen ones, then the rejected ones (one forward, one backward)
+            batch = [chosen for chosen, _ in batch] + [rejected for _, rejected in batch]
+        x, y = collate(batch)
+        answer = ift.answer_index(y)  # here on the CPU, so the loss never waits for the GPU (ift.chunked_nll)
+        x, y, answer = (to_device(t, device) for t in (x, y, answer))
+        last = micro == cfg.grad_accum - 1  # all-reduce gradients only on the last micro-step
+        if cfg.fsdp:
+            raw.set_requires_gradient_sync(last)
+        elif world > 1:
+            model.require_backward_grad_sync = last
+        with autocast:
+            if cfg.method == "ift":
+                # sampled guesses: a generator per micro-batch, seeded by its place in the run (resume-exact)
+                guess = ift.guess_picker(cfg.guess, cfg.guess_k, cfg.guess_temperature,
+                                         key=(cfg.seed, step, micro * world + rank), device=device)
+                loss, first, _ = ift.ift_forward(model, x, y, lam, cfg.gamma, guess=guess, propagation=(
+                    cfg.propagation, cfg.propagation_side, cfg.propagation_norm), answer=answer)
+            elif pairs:
+                loss, pair_stats = baselines.pair_forward(model, ref, x, y, cfg.method, cfg.beta, cfg.alpha,
+                                                          cfg.simpo_gamma_ratio, answer=answer, ref_weight=ref_head)
+                first = loss
+                stats[3:6] += pair_stats
+            else:
+                loss = first = ift.sft_forward(model, x, y, answer=answer)
+        (loss / cfg.grad_accum).backward()
+        stats[0] += loss.detach().float() / cfg.grad_accum
+        stats[1] += first.detach().float() / cfg.grad_accum
+        stats[2] += x.numel()  # positions computed, padding included
+    # the norm of the whole gradient (max_norm inf: measured, not clipped), for the non-finite check
+    norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    stats[6] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+    return stats, x.shape[1]
+
+
+def save(cfg, model, raw, optimizer, step, rank, world, record, final=False):
+    """Every rank takes part (FSDP gathers the full state on CPU), rank 0 writes (checkpoint.py says how a crash
+    at any point is survived). Ctrl-C and SIGTERM wait until the checkpoint is complete."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    bad = nonfinite(raw.named_parameters(), world)
+    if bad:  # the step's loss and gradient were finite, the update was not (an extreme --lr, say)
+        raise UserError(f"step {step}: the weights hold non-finite values ({bad[0]}) after the update; not saved. "
+                        f"{last_checkpoint(cfg.out_dir)}; nothing published")
+    with signals_deferred():
+        msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            checkpoint.write(cfg.out_dir, raw, msd, osd, step, record, record["init_dir"], final)
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def last_checkpoint(out_dir: str) -> str:
+    ckpt = checkpoint.find_checkpoint(out_dir)
+    if ckpt is None:
+        return "no checkpoint was saved yet (--save_every N saves one every N steps)"
+    return f"last checkpoint: step {checkpoint.saved_config(ckpt)['step']} in {ckpt}, untouched"
+
+
+def train_loop(cfg, raw, model, ref, optimizer, autocast, train, held, step, total, record, rank, world, device):
+    """Steps `step` to `total`: each one's update, log, eval and save. Stops at the first non-finite loss or
+    gradient norm (values the step reduces anyway: no extra host sync), before anything is saved."""
     # TDPO's policy head projects the reference's hidden states through the reference's output projection:
     # under FSDP gathered once here (it never changes), not on every micro-step
     ref_head = baselines.full_weight(ref.lm_head.weight) if cfg.method == "tdpo" else None
-    opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
-    optimizer = opt_cls(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = resumed_at = load_checkpoint(ckpt, raw, optimizer, cfg) if cfg.resume else 0
-    print0(f"model: {sum(p.numel() for p in raw.parameters()) / 1e6:.0f}M parameters; peak host memory while "
-           f"loading, per rank: {', '.join(f'{gb:.2f}' for gb in peak_rss_gb(world))} GB")
-    if cfg.resume:
-        print0(f"resumed from {ckpt} at step {step}")
     peak = peak_flops(device, cfg.peak_tflops)
     wandb = None
     if cfg.wandb_project and rank == 0:
         import wandb
-        wandb.init(project=cfg.wandb_project, config=asdict(cfg))
+        wandb.init(project=cfg.wandb_project, config=record)
+    bar = tqdm(total=total, initial=step, disable=rank != 0, desc=cfg.method, dynamic_ncols=True)
+    try:
+        while step < total:
+            t0 = time.time()
+            lr = lr_at(step, total, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            lam = ift.lam_at(step, cfg.lam, schedule=cfg.lam_schedule, lam_min=cfg.lam_min,
+                             warmup=math.ceil(cfg.warmup_ratio * total), sigma=cfg.lam_noise, seed=cfg.seed)
+            stats, seq_len = train_step(cfg, model, raw, ref, ref_head, optimizer, train, step, lam, rank, world,
+                                        device, autocast)
+            step += 1
+            loss, first, positions, margin, wins, n_pairs, norm = stats.tolist()  # the step's one host sync
+            loss, first, norm = loss / world, first / world, norm / world
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                raise UserError(f"step {step}: loss {loss:.4g}, gradient norm {norm:.4g}: not finite, the run stops "
+                                f"(lower --lr, or check --init and the data). {last_checkpoint(cfg.out_dir)}; "
+                                "nothing published")
+            tps = positions / (time.time() - t0)
+            log = {"loss": loss, **({"lam": lam, "sft": first} if cfg.method == "ift" else {}),  # sft: first pass
+                   "lr": lr, "gnorm": norm, "tok/s": tps}
+            if cfg.method in baselines.PAIR_METHODS:  # chosen reward minus rejected (baselines.py), how often > 0
+                log["margin"], log["acc"] = margin / max(n_pairs, 1), wins / max(n_pairs, 1)
+            if peak:
+                log["mfu"] = tps * flops_per_token(raw, seq_len, cfg.method) / (peak * world)
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
+                log["eval"] = eval_loss(raw, held, cfg, device, autocast, rank, world)
+                print0(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in log.items()))
+            bar.set_postfix({k: f"{v:.3g}" for k, v in log.items()}, refresh=False)
+            bar.update(1)
+            if wandb:
+                wandb.log(log, step=step)
+            if step == total or step == cfg.stop_at or (cfg.save_every and step % cfg.save_every == 0):
+                save(cfg, model, raw, optimizer, step, rank, world, record, final=step == total)
+            if step == cfg.stop_at:
+                print0(f"stopping after step {step} (--stop_at); continue with --resume")
+                break
+    except (KeyboardInterrupt, Interrupted) as e:  # Ctrl-C or SIGTERM: one line that says how to continue
+        raise KeyboardInterrupt(f"{e or 'interrupted'} after step {step} of {total}; "
+                                f"{last_checkpoint(cfg.out_dir)}; continue with --resume") from None
+    finally:
+        bar.close()
+    return step
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    rank, world, device = init_distributed(cfg.device, cfg.fsdp)
+    torch.manual_seed(cfg.seed + rank)
+    # ---- where the run writes, and the data: every refusal comes here, before any model or GPU time
+    init_dir = resolve_checkpoint(ensure_default(cfg.init))
+    if cfg.auto_resume:  # a worker torchrun restarts continues the checkpoint its group left; a first start is fresh
+        cfg.resume = checkpoint.find_checkpoint(cfg.out_dir) is not None
+    if cfg.resume and rank == 0:
+        checkpoint.recover(cfg.out_dir)  # finish or undo a save that a crash cut short
+    if dist.is_initialized():
+        dist.barrier()
+    ckpt = checkpoint.check_out_dir(cfg.out_dir, cfg.resume, init_dir)
+    tok, train, held = load_data(cfg, init_dir)
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    total = cfg.max_steps or max(1, int(cfg.epochs * len(train) / per_step))
+    # what train_config.json records: the flags, and what they came to
+    record = dict(asdict(cfg), init_dir=init_dir, world=world, examples_per_step=per_step,
+                  data_examples=len(train), data_sha256=fingerprint(train), history=[])
+    if cfg.resume:
+        check_resume(cfg, ckpt, record, total)
+    unit = "pairs" if cfg.method in baselines.PAIR_METHODS else "examples"
+    print0(f"data: {len(train)} train {unit} / {len(held)} eval examples; {per_step} {unit} per step, {total} steps")
+
+    # ---- the model
+    raw, model, ref, optimizer, autocast = build_model(cfg, init_dir, ckpt, device, world)
+    step = resumed_at = checkpoint.load_state(ckpt, raw, optimizer, cfg.optimizer) if cfg.resume else 0
+    print0(f"model: {sum(p.numel() for p in raw.parameters()) / 1e6:.0f}M parameters; peak host memory while "
+           f"loading, per rank: {', '.join(f'{gb:.2f}' for gb in peak_rss_gb(world))} GB")
+    if cfg.resume:
+        print0(f"resumed from {ckpt} at step {step}")
     if cfg.eval_every and held and step == 0:
         print0(f"step 0: eval {eval_loss(raw, held, cfg, device, autocast, rank, world):.4g}")
     if cfg.sample_every and held and step == 0:
         print0(f"sample prompt: {tok.decode(prompt_of(held[0]))!r}")
         print0(f"sample before: {sample(raw, tok, held[0], device, autocast)!r}")
 
-    # ---- the loop
-    bar = tqdm(total=total, initial=step, disable=rank != 0, desc=cfg.method, dynamic_ncols=True)
-    while step < total:
-        t0 = time.time()
-        lr = lr_at(step, total, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        lam = ift.lam_at(step, cfg.lam, schedule=cfg.lam_schedule, lam_min=cfg.lam_min,
-                         warmup=math.ceil(cfg.warmup_ratio * total), sigma=cfg.lam_noise, seed=cfg.seed)
-        # loss, first-pass SFT loss (both averaged over micro-steps), tokens; pairs: margin sum, wins, pairs kept
-        stats = torch.zeros(6, device=device)
-        for micro in range(cfg.grad_accum):
-            idx = batch_indices(step, micro, rank, world, cfg.batch_size, cfg.grad_accum, len(train), cfg.seed)
-            batch = [train[i] for i in idx]
-            if pairs:  # B pairs are 2B rows: the chosen ones, then the rejected ones (one forward, one backward)
-                batch = [chosen for chosen, _ in batch] + [rejected for _, rejected in batch]
-            x, y = collate(batch)
-            answer = ift.answer_index(y)  # here on the CPU, so the loss never waits for the GPU (ift.chunked_nll)
-            x, y, answer = (to_device(t, device) for t in (x, y, answer))
-            last = micro == cfg.grad_accum - 1  # all-reduce gradients only on the last micro-step
-            if cfg.fsdp:
-                raw.set_requires_gradient_sync(last)
-            elif world > 1:
-                model.require_backward_grad_sync = last
-            with autocast:
-                if cfg.method == "ift":
-                    # sampled guesses: a generator per micro-batch, seeded by its place in the run (resume-exact)
-                    guess = ift.guess_picker(cfg.guess, cfg.guess_k, cfg.guess_temperature,
-                                             key=(cfg.seed, step, micro * world + rank), device=device)
-                    loss, first, _ = ift.ift_forward(model, x, y, lam, cfg.gamma, guess=guess, propagation=(
-                        cfg.propagation, cfg.propagation_side, cfg.propagation_norm), answer=answer)
-                elif pairs:
-                    loss, pair_stats = baselines.pair_forward(model, ref, x, y, cfg.method, cfg.beta, cfg.alpha,
-                                                              cfg.simpo_gamma_ratio, answer=answer,
-                                                              ref_weight=ref_head)
-                    first = loss
-                    stats[3:] += pair_stats
-                else:
-                    loss = first = ift.sft_forward(model, x, y, answer=answer)
-            (loss / cfg.grad_accum).backward()
-            stats[0] += loss.detach().float() / cfg.grad_accum
-            stats[1] += first.detach().float() / cfg.grad_accum
-            stats[2] += x.numel()  # positions computed, padding included
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if dist.is_initialized():
-            dist.all_reduce(stats)
-            stats[:2] /= world
-        dt = time.time() - t0
-        tps = stats[2].item() / dt
-        log = {"loss": stats[0].item(), "lam": lam, "lr": lr, "tok/s": tps}
-        if cfg.method == "ift":
-            log["sft"] = stats[1].item()  # the first pass's loss on the ground-truth prefix
-        if pairs:  # the chosen answer's reward minus the rejected one's (baselines.py), and how often it is > 0
-            log["margin"] = (stats[3] / stats[5].clamp(min=1)).item()
-            log["acc"] = (stats[4] / stats[5].clamp(min=1)).item()
-        if peak:
-            log["mfu"] = tps * flops_per_token(raw, x.shape[1], cfg.method) / (peak * world)
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
-            log["eval"] = eval_loss(raw, held, cfg, device, autocast, rank, world)
-            print0(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in log.items()))
-        bar.set_postfix({k: f"{v:.3g}" for k, v in log.items()}, refresh=False)
-        bar.update(1)
-        if wandb:
-            wandb.log(log, step=step)
-        if step == total or step == cfg.stop_at or (cfg.save_every and step % cfg.save_every == 0):
-            save_checkpoint(cfg, model, raw, optimizer, step, rank, init_dir, final=step == total)
-        if step == cfg.stop_at:
-            print0(f"stopping after step {step} (--stop_at); continue with --resume")
-            break
-    bar.close()
+    # ---- the loop, then the end
+    step = train_loop(cfg, raw, model, ref, optimizer, autocast, train, held, step, total, record, rank, world,
+                      device)
+    if step == total and rank == 0:
+        final = checkpoint.find_checkpoint(cfg.out_dir)
+        if not checkpoint.published(final, cfg.out_dir):  # a resumed run whose last save was cut while publishing
+            checkpoint.publish(final, cfg.out_dir)
     if cfg.sample_every and held:
         if resumed_at:  # the prompt was printed by the run that started
             print0(f"sample prompt: {tok.decode(prompt_of(held[0]))!r}")
@@ -529,4 +597,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_jsonl
+from errors import UserError
 import train
 from model import ModelConfig, Transformer
 
@@ -81,7 +82,7 @@ def test_resume_continues_exactly(tiny_dir, rows_file, tmp_path):
     train.main(args(tiny_dir, rows_file, tmp_path / "cut", "--max_steps", "6", "--save_every", "3", "--stop_at", "3"))
     state = json.load(open(tmp_path / "cut" / "checkpoint" / "train_config.json"))
     assert state["step"] == 3 and not os.path.exists(tmp_path / "cut" / "model.safetensors")
-    with pytest.raises(SystemExit, match="--resume"):  # never silently start over on top of a checkpoint
+    with pytest.raises(UserError, match="--resume"):  # never silently start over on top of a checkpoint
         train.main(args(tiny_dir, rows_file, tmp_path / "cut", "--max_steps", "6"))
     train.main(args(tiny_dir, rows_file, tmp_path / "cut", "--max_steps", "6", "--resume"))
     a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
@@ -89,35 +90,55 @@ def test_resume_continues_exactly(tiny_dir, rows_file, tmp_path):
     assert json.load(open(tmp_path / "cut" / "train_config.json"))["step"] == 6
 
 
-# a training process that SIGKILLs itself at a chosen point of its second save (step 4 of 6, saving every 2):
-# after checkpoint.tmp is complete, between the two renames, or with resume.pt half written
+# a training process that dies (SIGKILL) at a chosen point of its second save (step 4 of 6, saving every 2) or of
+# publishing the final one (checkpoint.py numbers the points): every point must be survivable
 KILLER = """
-import os, signal, sys, torch
+import os, shutil, signal, sys, torch
 sys.path.insert(0, {root!r})
 import train
 point, argv = sys.argv[1], sys.argv[2:]
-seen = {{"checkpoint": 0, "checkpoint.old": 0, "resume.pt": 0}}
-replace, save = os.replace, torch.save
+seen = {{}}
+replace, save, rmtree = os.replace, torch.save, shutil.rmtree
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def count(key):
+    seen[key] = seen.get(key, 0) + 1
+    return seen[key]
+
+def save_or_die(obj, f, *args, **kw):  # step 1: resume.pt is written last into checkpoint.tmp
+    save(obj, f, *args, **kw)
+    if str(f).endswith("resume.pt") and count("resume.pt") == 2 and point == "tmp_half_written":
+        with open(f, "r+b") as fh:
+            fh.truncate(os.path.getsize(f) // 2)
+        die()
 
 def replace_or_die(src, dst):
     name = os.path.basename(dst)
-    seen[name] = seen.get(name, 0) + 1
-    if (point, name, seen[name]) in [("tmp_written", "checkpoint.old", 1), ("between_renames", "checkpoint", 2)]:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return replace(src, dst)
+    n = count(name)
+    if (point, name, n) in [("tmp_written", "checkpoint.old", 1), ("between_renames", "checkpoint", 2)]:
+        die()  # before step 2, before step 3
+    replace(src, dst)
+    if point == "publishing" and not name.startswith("checkpoint") and count("published") == 2:
+        die()  # step 5, two files of the final model in out_dir, the rest not
 
-def save_or_die(obj, f, *args, **kw):
-    save(obj, f, *args, **kw)
-    if str(f).endswith("resume.pt"):
-        seen["resume.pt"] += 1
-        if point == "resume_half_written" and seen["resume.pt"] == 2:
-            with open(f, "r+b") as fh:
-                fh.truncate(os.path.getsize(f) // 2)
-            os.kill(os.getpid(), signal.SIGKILL)
+def rmtree_or_die(path, *args, **kw):
+    if os.path.basename(str(path)) == "checkpoint.old" and os.path.isdir(path):  # step 4 of the second save
+        if point == "old_not_removed":
+            die()
+        if point == "old_half_removed":
+            os.remove(os.path.join(path, "model.safetensors"))
+            die()
+    rmtree(path, *args, **kw)
 
-os.replace, torch.save = replace_or_die, save_or_die
+os.replace, torch.save, shutil.rmtree = replace_or_die, save_or_die, rmtree_or_die
 train.main(argv)
 """
+# where each point leaves the latest complete checkpoint: its folder and step
+KILL_POINTS = {"tmp_half_written": ("checkpoint", 2), "tmp_written": ("checkpoint", 2),
+               "between_renames": ("checkpoint.old", 2), "old_not_removed": ("checkpoint", 4),
+               "old_half_removed": ("checkpoint", 4), "publishing": ("checkpoint", 6)}
 
 
 @pytest.fixture(scope="module")
@@ -127,10 +148,11 @@ def uninterrupted(tiny_dir, rows_file, tmp_path_factory):
     return weights(out)
 
 
-@pytest.mark.parametrize("point", ["tmp_written", "between_renames", "resume_half_written"])
+@pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_killed_while_saving_resumes_from_the_last_complete_checkpoint(point, tiny_dir, rows_file, uninterrupted,
                                                                       tmp_path):
     import signal
+    import checkpoint
     out = tmp_path / "out"
     run = args(tiny_dir, rows_file, out, "--max_steps", "6", "--save_every", "2", "--optimizer", "rmsprop")
     # the killed process computes steps 1-2 of the compared weights: same thread count as this process, since
@@ -138,13 +160,19 @@ def test_killed_while_saving_resumes_from_the_last_complete_checkpoint(point, ti
     r = subprocess.run([sys.executable, "-c", KILLER.format(root=ROOT), point, *run], capture_output=True,
                        text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
-    ckpt = train.find_checkpoint(str(out))  # the step-2 checkpoint: the step-4 one never completed
-    assert json.load(open(os.path.join(ckpt, "train_config.json")))["step"] == 2
-    assert os.path.basename(ckpt) == ("checkpoint.old" if point == "between_renames" else "checkpoint")
+    ckpt = checkpoint.find_checkpoint(str(out))
+    assert (os.path.basename(ckpt), json.load(open(os.path.join(ckpt, "train_config.json")))["step"]) == \
+        KILL_POINTS[point]
+    with pytest.raises(UserError, match="--resume"):  # a rerun without --resume touches nothing
+        train.main(run)
     train.main(run + ["--resume"])
     final = weights(out)
     assert all(torch.equal(final[k], uninterrupted[k]) for k in final), "resumed run differs from the uninterrupted one"
-    assert not (out / "checkpoint.old").exists() and not (out / "checkpoint.tmp").exists()  # leftovers cleaned
+    left = [name for name in os.listdir(out) if name.endswith((".tmp", ".old"))]
+    assert not left, left  # leftovers cleaned
+    assert json.load(open(out / "train_config.json"))["step"] == 6
+    train.main(run + ["--resume"])  # resuming a finished run again: nothing to do, nothing lost
+    assert all(torch.equal(weights(out)[k], uninterrupted[k]) for k in final)
 
 
 def torchrun(nproc, argv, tmp_path, script=os.path.join(ROOT, "train.py"), ok=True, timeout=600, launcher=(), env=None):
@@ -318,10 +346,10 @@ def test_refused_config_stops_in_one_line_before_training(key, value, tiny_dir, 
     shutil.copytree(tiny_dir, init)
     hf = json.loads((init / "config.json").read_text())
     (init / "config.json").write_text(json.dumps(dict(hf, **{key: value})))
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UserError) as e:
         train.main(args(str(init), rows_file, tmp_path / "out"))
     message = str(e.value)
-    assert message.startswith(f"error: {init}/config.json: {key}") and "\n" not in message, message
+    assert message.startswith(f"{init}/config.json: {key}") and "\n" not in message, message
     assert not (tmp_path / "out").exists()
 
 
@@ -338,7 +366,7 @@ def test_bad_input_stops_with_a_clear_message_and_clean_out_dir(case, tiny_dir, 
     out = tmp_path / "out"
     monkeypatch.setattr(train.Transformer, "from_pretrained", classmethod(
         lambda *a, **k: pytest.fail("the model was loaded before the data was checked")))
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UserError) as e:
         train.main(args(tiny_dir, (data, rows_file[1]), out))
     assert message in str(e.value)
     assert not out.exists()
@@ -422,16 +450,16 @@ def test_bf16_compiled_run_logs_mfu_and_saves_a_loadable_model(tiny_dir, rows_fi
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tiny_dir, rows_file, tmp_path):
-    with pytest.raises(SystemExit, match="--resume: no checkpoint in"):
+    with pytest.raises(UserError, match="--resume: no checkpoint in"):
         train.main(args(tiny_dir, rows_file, tmp_path / "empty", "--resume"))
     assert not (tmp_path / "empty").exists()
     # a checkpoint of an older train.py (optimizer state inside resume.pt), or resumed with another optimizer
     out = tmp_path / "old"
     train.main(args(tiny_dir, rows_file, out, "--max_steps", "2", "--stop_at", "1", "--save_every", "1"))
-    with pytest.raises(SystemExit, match="trained with --optimizer adamw"):
+    with pytest.raises(UserError, match="trained with --optimizer adamw"):
         train.main(args(tiny_dir, rows_file, out, "--max_steps", "2", "--resume", "--optimizer", "rmsprop"))
     os.remove(out / "checkpoint" / "optimizer.safetensors")
-    with pytest.raises(SystemExit, match="has no optimizer.safetensors"):
+    with pytest.raises(UserError, match="checkpoint/ is incomplete: it lacks one of resume.pt, optimizer"):
         train.main(args(tiny_dir, rows_file, out, "--max_steps", "2", "--resume"))
 
 
@@ -517,6 +545,6 @@ def test_learn_all_turns_reaches_the_data(flag, learn, tiny_dir, rows_file, tmp_
         raise DataError("stop here")
 
     monkeypatch.setattr(train, "tokenize_sources", record)
-    with pytest.raises(SystemExit, match="stop here"):
+    with pytest.raises(UserError, match="stop here"):
         train.main(args(tiny_dir, rows_file, tmp_path / "out", *flag))
     assert seen == [learn]

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import baselines
+from errors import UserError
 from conftest import ROOT, write_jsonl
 import train
 from data import DataError, to_pair, tokenize_pairs, tokenize_sources
@@ -89,7 +90,7 @@ def test_bad_pair_rows_stop_naming_file_and_row_before_the_model_loads(case, tin
     data = write_jsonl(tmp_path / "bad.jsonl", rows)
     monkeypatch.setattr(train.Transformer, "from_pretrained", classmethod(
         lambda *a, **k: pytest.fail("the model was loaded before the data was checked")))
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UserError) as e:
         train.main(args(tiny_dir, (data, pairs_file[1]), tmp_path / "out", "--method", "dpo"))
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()
@@ -168,7 +169,7 @@ def test_dpo_trains_and_resume_equals_the_uninterrupted_run_with_the_original_re
                          tiny_dir, capsys, monkeypatch)
     cut = args(tiny_dir, pairs_file, tmp_path / "cut", "--method", "dpo", "--max_steps", "4")
     train.main(cut + ["--stop_at", "2"])
-    with pytest.raises(SystemExit, match="rebuilds its reference model from --init"):  # another init: refused
+    with pytest.raises(UserError, match="rebuilds its reference model from --init"):  # another init: refused
         train.main(args(tiny_tied_dir, pairs_file, tmp_path / "cut", "--method", "dpo", "--max_steps", "4",
                         "--resume"))
     train.main(cut + ["--resume"])
