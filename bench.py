@@ -392,34 +392,51 @@ def method_memory(model: Transformer, methods: list, B: int, T: int, device, aut
 
 
 # -------------------------------------------------------------------------------------------------------------------
+# the run, phase by phase: each phase prints its own lines; main calls them in the order of the output
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help: the module docstring as written, then each flag with its meaning, allowed values and default (left
+    out where there is none to show: the help says what happens)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, []) else super()._get_help_string(action)
+
+
+def arg_parser() -> argparse.ArgumentParser:
+    """Every flag, with its meaning, allowed values and default (python bench.py --help)."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--init", default=os.path.join(HERE, "checkpoints", "SmolLM2-135M-Instruct"),
                     help=f"checkpoint dir or hub id, or random weights in one of these shapes: {', '.join(SHAPES)}")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="auto: cuda when there is one, else cpu")
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                     help="auto: bf16 autocast over fp32 weights on CUDA, fp32 on CPU (as train.py)")
-    ap.add_argument("--batch_size", type=int, default=4)
-    ap.add_argument("--seq_len", type=int, default=256)
-    ap.add_argument("--warmup", type=int, default=2, help="discarded steps per method")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per method (the median is reported)")
+    ap.add_argument("--batch_size", type=int, default=4, help="rows of the training and decoding batch, >= 1")
+    ap.add_argument("--seq_len", type=int, default=256,
+                    help="tokens per row, >= 3: the first third prompt (also the decoding prompt), the rest answer")
+    ap.add_argument("--warmup", type=int, default=2, help="discarded steps per method, >= 0")
+    ap.add_argument("--steps", type=int, default=5,
+                    help="timed steps per method, >= 1 (the median is reported); decoding calls too")
     ap.add_argument("--compile", action="store_true", help="torch.compile the models for the training steps")
-    ap.add_argument("--grad_checkpointing", action="store_true")
-    ap.add_argument("--lam", type=float, default=0.2)
-    ap.add_argument("--gamma", type=float, default=0.95)
-    ap.add_argument("--new_tokens", type=int, default=32, help="tokens decoded per row")
+    ap.add_argument("--grad_checkpointing", action="store_true",
+                    help="activation checkpointing in the training steps, ours and transformers'")
+    ap.add_argument("--lam", type=float, default=0.2, help="IFT's blend weight of the guesses, as train.py --lam")
+    ap.add_argument("--gamma", type=float, default=0.95, help="IFT's propagation discount, as train.py --gamma")
+    ap.add_argument("--new_tokens", type=int, default=32,
+                    help="tokens decoded per row, >= 2 (decoding is timed at 1 and at N tokens)")
     ap.add_argument("--compile_decode", action=argparse.BooleanOptionalAction, default=None,
                     help="also time decode.py's compiled step (a CUDA graph on CUDA); default: on CUDA only")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="print torch.profiler's top N kernels of each training step and of one decoding step, "
                          "and the SDPA kernel each attention call reaches; 0 = off")
-    ap.add_argument("--loss_vocab", type=int, default=QWEN2_VOCAB, help="vocabulary of the loss-memory comparison")
+    ap.add_argument("--loss_vocab", type=int, default=QWEN2_VOCAB,
+                    help="vocabulary of the loss-memory comparison; the default is Qwen2-7B's")
     ap.add_argument("--loss_sweep", action="store_true",
                     help="only the loss-memory comparison, at each of --loss_sizes (builds no model; --dtype auto "
                          "is bf16 autocast here, on CPU too)")
-    ap.add_argument("--loss_sizes", default="1x128,1x512,4x1024,8x2048", help="BxT batch shapes of --loss_sweep")
+    ap.add_argument("--loss_sizes", default="1x128,1x512,4x1024,8x2048",
+                    help="comma-separated BxT batch shapes of --loss_sweep, B and T >= 1")
     ap.add_argument("--loss_dim", type=int, default=2048,
                     help="hidden size of --loss_sweep (2048: llama-3.2-1b's); the plain run uses the model's")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
@@ -428,7 +445,13 @@ def parse_args(argv=None):
     ap.add_argument("--bandwidth", type=float, default=0,
                     help="the device's memory bandwidth in GB/s for the decoding roofline; 0 = look the GPU up")
     ap.add_argument("--methods", nargs="+", default=[], choices=["sft", "ift", *baselines.PAIR_METHODS],
-                    help="only the peak memory of one training step of each of these methods (method_memory)")
+                    help="only the peak memory of one training step of each of these methods (method_memory); "
+                         "default: none, the full benchmark")
+    return ap
+
+
+def parse_args(argv=None):
+    ap = arg_parser()
     args = ap.parse_args(argv)
     if args.seq_len < 3 or args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
         ap.error("--seq_len >= 3, --batch_size >= 1, --steps >= 1, --warmup >= 0")
@@ -444,20 +467,44 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """The whole benchmark: set-up and the batch, training steps, decoding, the loss's memory, then the ratios.
+    --loss_sweep and --methods each print one table alone."""
     args = parse_args(argv)
+    device, bf16, autocast = setup(args)
+    if args.loss_sweep:
+        print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
+              f"torch {torch.__version__}{'; bf16 autocast' if bf16 else ''}")
+        return loss_sweep(args.loss_vocab, args.loss_dim, args.loss_sizes, device, autocast)
+    model, idx, targets = model_and_batch(args, device, bf16)
+    if args.methods:  # the per-method step memory alone: SFT, IFT and the preference baselines
+        return method_memory(model, args.methods, args.batch_size, args.seq_len, device, autocast, args.lam,
+                             args.gamma)
+    steps, guess_pass, hf = training_steps(args, model, idx, targets, device, autocast)
+    secs, guess, peaks = training_table(args, model, steps, guess_pass, device)
+    if args.profile:
+        profile_training(steps, device, args.profile)
+    dsecs = decoding_table(args, model, hf, idx[:, :max(1, args.seq_len // 3)], device, bf16)
+    model._static_cache = None  # free decode.py's cache, the training steps and transformers' twin
+    del steps, guess_pass, hf
+    ours, ref = loss_line(args, model.config.dim, targets, device, autocast)
+    ratio_lines(secs, guess, peaks, dsecs, ours, ref)
+
+
+def setup(args) -> tuple[torch.device, bool, object]:
+    """Threads, the device, and the dtype: (device, bf16, the autocast context or a null one)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         device = pick_device(args.device)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    cuda = device.type == "cuda"
-    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and (cuda or args.loss_sweep))
+    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and (device.type == "cuda" or args.loss_sweep))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    if args.loss_sweep:
-        print(f"device: {torch.cuda.get_device_name(device) if cuda else 'cpu'}; torch {torch.__version__}"
-              f"{'; bf16 autocast' if bf16 else ''}")
-        return loss_sweep(args.loss_vocab, args.loss_dim, args.loss_sizes, device, autocast)
+    return device, bf16, autocast
+
+
+def model_and_batch(args, device, bf16: bool):
+    """The model in training mode and the batch (make_batch) -> model, idx, targets; prints where, what and how."""
     torch.manual_seed(0)
     if args.init in SHAPES:
         with torch.device(device):
@@ -470,7 +517,7 @@ def main(argv=None):
     B, T = args.batch_size, args.seq_len
     idx, targets = make_batch(B, T, cfg.vocab_size, device)
     n_answer = int((targets[0] != ift.IGNORE).sum())
-    where = (f"{torch.cuda.get_device_name(device)}" if cuda
+    where = (f"{torch.cuda.get_device_name(device)}" if device.type == "cuda"
              else f"cpu, {torch.get_num_threads()} threads, load average "
                   f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"device: {where}; torch {torch.__version__}")
@@ -480,10 +527,12 @@ def main(argv=None):
     print(f"batch: {B} x {T} tokens, {n_answer} answer tokens per sequence (the rest prompt, targets -100); "
           f"{args.warmup} warm-up steps, median of {args.steps}")
     print(f"memory: {memory_measure(device)}, peak above the weights and optimizer state")
-    if args.methods:  # the per-method step memory alone: SFT, IFT and the preference baselines
-        return method_memory(model, args.methods, B, T, device, autocast, args.lam, args.gamma)
+    return model, idx, targets
 
-    # ---- training steps: SFT and IFT on one model (and optimizer), transformers' SFT on a twin
+
+def training_steps(args, model, idx, targets, device, autocast) -> tuple[dict, object, nn.Module | None]:
+    """The training steps to time: SFT and IFT on one model (and optimizer), transformers' SFT on a twin with the
+    same weights when transformers is installed -> ({name: step}, IFT's guess pass alone, the twin or None)."""
     if args.compile:
         model.compile_blocks()  # as train.py
     optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-8)
@@ -502,7 +551,7 @@ def main(argv=None):
 
     steps = {"sft": train_step(sft_loss, optimizer),
              "ift": train_step(ift_loss, optimizer)}
-    hf, skipped = None, "skipped (transformers is not installed)"
+    hf = None
     try:
         hf = hf_twin(model, device).train()
     except ImportError:
@@ -520,34 +569,44 @@ def main(argv=None):
                 return ift.sft_loss(hf_run(input_ids=idx, use_cache=False).logits, targets)
 
         steps["transformers sft"] = train_step(hf_loss, torch.optim.RMSprop(hf.parameters(), lr=1e-8))
+    return steps, guess_pass, hf
+
+
+def training_table(args, model, steps: dict, guess_pass, device) -> tuple[dict, float, dict]:
+    """One line per training step: time, tokens/s, MFU where the peak is known, peak memory for ours ->
+    ({name: seconds per step}, seconds of the guess pass, {"sft", "ift": peak bytes})."""
+    B, T = args.batch_size, args.seq_len
     secs = median_times(dict(steps, guess=guess_pass), args.warmup, args.steps, device)
     guess = secs.pop("guess")
     peaks = {k: peak_memory(steps[k], device) for k in ("sft", "ift")}
-    peak, bandwidth = device_peaks(device, args.peak_tflops, args.bandwidth)
+    peak, _ = device_peaks(device, args.peak_tflops, args.bandwidth)
     for k, s in secs.items():
         line = f"{k}: step {s * 1e3:.1f} ms, {B * T / s:.0f} tokens/s"
         if peak:  # model FLOPs utilization: the PaLM count (train.flops_per_token) per second over the peak
             line += f", MFU {B * T / s * flops_per_token(model, T, 'ift' if k == 'ift' else 'sft') / peak:.1%}"
-        elif cuda:
+        elif device.type == "cuda":
             line += ", MFU n/a (device not in train.PEAK_BF16_FLOPS; pass --peak_tflops)"
         if k in peaks:
             line += f", peak memory {peaks[k] / MB:.1f} MB"
         print(line)
+    return secs, guess, peaks
 
-    if args.profile:  # where the time of each training step goes; which attention kernel training reaches
-        for k, fn in steps.items():
-            print_profile(f"{k} step", fn, device, args.profile)
-        print(f"sdpa kernels, training step (sft, forward + backward): {sdpa_kernels(steps['sft'])}")
 
-    # ---- decoding: greedy with the KV cache, the same prompt and number of new tokens; ours eager, ours
-    # compiled (decode.py: one CUDA graph per step over a static cache) and transformers
+def profile_training(steps: dict, device, n: int):
+    """Where the time of each training step goes; which attention kernel training reaches."""
+    for k, fn in steps.items():
+        print_profile(f"{k} step", fn, device, n)
+    print(f"sdpa kernels, training step (sft, forward + backward): {sdpa_kernels(steps['sft'])}")
+
+
+def decoders_for(args, model, hf, prompt, device, bf16: bool) -> dict:
+    """Greedy decoding with the KV cache, the same prompt and number of new tokens: ours eager, ours compiled
+    (decode.py: one CUDA graph per step over a static cache) and transformers -> {name: decoder(k)}."""
     model.eval()
     if bf16:  # decode from bf16 weights, as sample.py does: autocast would re-cast fp32 weights every token
         model.to(torch.bfloat16)
-    prompt = idx[:, :max(1, T // 3)]
-    P, n = prompt.size(1), args.new_tokens
     decoders = {"ours eager": partial(model.generate, prompt, temperature=0, compile=False)}
-    compile_decode = cuda if args.compile_decode is None else args.compile_decode
+    compile_decode = device.type == "cuda" if args.compile_decode is None else args.compile_decode
     if compile_decode:
         decoders["ours compiled"] = partial(model.generate, prompt, temperature=0, compile=True)
     if hf is not None:
@@ -564,6 +623,14 @@ def main(argv=None):
             gen_cfg = GenerationConfig(max_new_tokens=k, do_sample=False, eos_token_id=None, pad_token_id=0)
             return hf.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=gen_cfg)
         decoders["transformers"] = hf_decode
+    return decoders
+
+
+def decoding_table(args, model, hf, prompt, device, bf16: bool) -> dict:
+    """One line per decoder, then how often their greedy tokens agree and, where the bandwidth is known, the
+    memory roofline -> {name: seconds for the new tokens with the prefill}."""
+    B, P, n = prompt.size(0), prompt.size(1), args.new_tokens
+    decoders = decoders_for(args, model, hf, prompt, device, bf16)
     outs, dsecs, step_secs = decode_times(decoders, n, args.steps, device)
     assert len({o.shape for o in outs.values()}) == 1, "all must decode the same number of tokens"
     for k, s in dsecs.items():
@@ -573,34 +640,47 @@ def main(argv=None):
         if a in outs and b in outs:
             agree = (outs[a][:, P:] == outs[b][:, P:]).float().mean().item()
             print(f"decode: greedy tokens identical at {agree:.1%} of positions, {a} vs {b}")
+    _, bandwidth = device_peaks(device, args.peak_tflops, args.bandwidth)
     if bandwidth:  # each step reads every weight once, for all B rows: at best B * bandwidth / bytes tokens/s
         weight_bytes = decode_bytes(model)
         roof = B * bandwidth / weight_bytes
         shares = ", ".join(f"{k} {B / s / roof:.1%}" for k, s in step_secs.items())
         print(f"decode roofline: {weight_bytes / 1e9:.3f} GB of weights per step at {bandwidth / 1e9:.0f} GB/s -> "
               f"{roof:.0f} tokens/s; steps after the prefill reach {shares} of it")
-    if args.profile:  # one decoding step, and the attention kernel each kind of decoding call reaches
-        print_profile("decode step (eager)", one_decode_step(model, prompt), device, args.profile)
-        if "ours compiled" in decoders:
-            print_profile("decode step (compiled)", one_decode_step(model, prompt, "compiled"), device, args.profile)
-        padded = torch.ones(B, dtype=torch.long, device=device)  # one position of left padding per row
-        calls = {"prefill": lambda: model(prompt), "prefill left-padded": lambda: model(prompt, pad=padded),
-                 "decode step": one_decode_step(model, prompt),
-                 "decode step left-padded": one_decode_step(model, prompt, pad=padded),
-                 "decode step over the static cache (the compiled step's inputs)": one_decode_step(model, prompt,
-                                                                                                  "static")}
-        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-            for name, fn in calls.items():
-                print(f"sdpa kernels, {name}: {sdpa_kernels(fn)}")
-    model._static_cache = None  # free decode.py's cache
-    if hf is not None:
-        del hf, hf_run
+    if args.profile:
+        profile_decoding(model, prompt, "ours compiled" in decoders, device, args.profile)
+    return dsecs
 
-    # ---- the per-token loss at a large vocabulary: ours (answer positions only, chunked) vs log_softmax + gather
-    ours, ref = loss_memory(args.loss_vocab, cfg.dim, (B, T), targets, device, autocast)
-    print(f"loss at vocab {args.loss_vocab}, {B} x {T} positions x {cfg.dim} dim, forward + backward: "
+
+def profile_decoding(model, prompt, compiled: bool, device, n: int):
+    """One decoding step (eager, and compiled when it was timed), and the attention kernel each kind of decoding
+    call reaches."""
+    print_profile("decode step (eager)", one_decode_step(model, prompt), device, n)
+    if compiled:
+        print_profile("decode step (compiled)", one_decode_step(model, prompt, "compiled"), device, n)
+    padded = torch.ones(prompt.size(0), dtype=torch.long, device=device)  # one position of left padding per row
+    calls = {"prefill": lambda: model(prompt), "prefill left-padded": lambda: model(prompt, pad=padded),
+             "decode step": one_decode_step(model, prompt),
+             "decode step left-padded": one_decode_step(model, prompt, pad=padded),
+             "decode step over the static cache (the compiled step's inputs)": one_decode_step(model, prompt,
+                                                                                              "static")}
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        for name, fn in calls.items():
+            print(f"sdpa kernels, {name}: {sdpa_kernels(fn)}")
+
+
+def loss_line(args, dim: int, targets, device, autocast) -> tuple[int, int]:
+    """The per-token loss at a large vocabulary: ours (answer positions only, chunked) vs log_softmax + gather,
+    on the run's batch shape and hidden size -> (our peak bytes, the reference's)."""
+    B, T = args.batch_size, args.seq_len
+    ours, ref = loss_memory(args.loss_vocab, dim, (B, T), targets, device, autocast)
+    print(f"loss at vocab {args.loss_vocab}, {B} x {T} positions x {dim} dim, forward + backward: "
           f"peak memory ours {ours / MB:.1f} MB, log_softmax+gather {ref / MB:.1f} MB ({memory_measure(device)})")
+    return ours, ref
 
+
+def ratio_lines(secs: dict, guess: float, peaks: dict, dsecs: dict, ours: int, ref: int):
+    """The summary: IFT over SFT in time and memory, the loss over log_softmax + gather, ours over transformers."""
     print(f"ift/sft step time: {secs['ift'] / secs['sft']:.2f}x")
     floor = (secs["sft"] + guess) / secs["sft"]
     print(f"ift/sft floor on this machine, (sft step + guess pass) / sft step: {floor:.2f}x "
@@ -611,6 +691,7 @@ def main(argv=None):
         print(f"train tokens/s vs transformers: {secs['transformers sft'] / secs['sft']:.2f}x")
         print(f"decode tokens/s vs transformers: {dsecs['transformers'] / dsecs['ours eager']:.2f}x")
     else:
+        skipped = "skipped (transformers is not installed)"
         print(f"train tokens/s vs transformers: {skipped}")
         print(f"decode tokens/s vs transformers: {skipped}")
 
