@@ -119,3 +119,13 @@ def test_loss_memory_never_above_log_softmax(B, T, dim, most):
     ours, ref = bench.loss_memory(8192, dim, (B, T), targets, torch.device("cpu"),
                                   torch.autocast("cpu", dtype=torch.bfloat16))
     assert ours <= most * ref
+
+
+def test_help_gives_every_flag_a_meaning_and_its_default(capsys):
+    assert all(a.help for a in bench.arg_parser()._actions)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for shown in ["--dtype {auto,fp32,bf16}", "(default: auto)", "--seq_len SEQ_LEN tokens per row, >= 3",
+                  "(default: 256)", "(default: 1x128,1x512,4x1024,8x2048)", "{sft,ift,dpo,tdpo,orpo,simpo}"]:
+        assert shown in text, shown
