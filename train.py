@@ -361,7 +361,7 @@ def check_resume(cfg: TrainConfig, ckpt: str, record: dict, total: int):
     if saved["step"] > total:
         raise UserError(f"--resume: {ckpt} is at step {saved['step']}, past this run's {total} steps "
                         "(--max_steps, --epochs)")
-    skip = {"resume", "auto_resume", "stop_at", "history", "step"}
+    skip = {"resume", "auto_resume", "stop_at", "history", "step", "out_dir"}
     changed = {k: [saved[k], v] for k, v in record.items() if k in saved and saved[k] != v and k not in skip}
     if changed:
         print0("resume: changed since the checkpoint: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
@@ -535,7 +535,7 @@ def train_loop(cfg, raw, model, ref, optimizer, autocast, train, held, step, tot
                 print0(f"stopping after step {step} (--stop_at); continue with --resume")
                 break
     except (KeyboardInterrupt, Interrupted) as e:  # Ctrl-C or SIGTERM: one line that says how to continue
-        raise KeyboardInterrupt(f"{e or 'interrupted'} after step {step} of {total}; "
+        raise KeyboardInterrupt(f"{str(e) or 'interrupted'} after step {step} of {total}; "
                                 f"{last_checkpoint(cfg.out_dir)}; continue with --resume") from None
     finally:
         bar.close()

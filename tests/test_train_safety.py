@@ -1,0 +1,272 @@
+"""train.py never loses what the user has: out_dir refusals (hashed before and after), non-finite runs that stop
+without publishing, --resume that refuses what it cannot continue, bad flags, Ctrl-C and SIGTERM."""
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT, write_jsonl
+from errors import UserError
+from test_train import args, chat_rows, weights
+import train
+
+
+@pytest.fixture(scope="module")
+def rows_file(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    return write_jsonl(d / "train.jsonl", chat_rows(32)), write_jsonl(d / "eval.jsonl", chat_rows(8, seed=1))
+
+
+def tree_hash(path) -> dict:
+    """{relative path: sha256} of every file under path (a file: itself)."""
+    if os.path.isfile(path):
+        return {"": hashlib.sha256(open(path, "rb").read()).hexdigest()}
+    return {os.path.relpath(os.path.join(d, f), path): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+            for d, _, files in os.walk(path) for f in files}
+
+
+@pytest.fixture(scope="module")
+def cut_run(tiny_dir, rows_file, tmp_path_factory):
+    """A run of 6 steps that stopped after its step-2 checkpoint."""
+    out = tmp_path_factory.mktemp("cut") / "out"
+    train.main(args(tiny_dir, rows_file, out, "--max_steps", "6", "--save_every", "2", "--stop_at", "2"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_dir, rows_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "out"
+    train.main(args(tiny_dir, rows_file, out, "--max_steps", "1"))
+    return out
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    monkeypatch.setattr(train.Transformer, "from_pretrained", classmethod(
+        lambda *a, **k: pytest.fail("the model was loaded before out_dir was checked")))
+
+
+@pytest.mark.parametrize("case", ["file", "foreign", "finished", "init", "incomplete_checkpoint", "empty"])
+def test_out_dir_that_would_lose_something_is_refused_untouched(case, tiny_dir, rows_file, finished_run, tmp_path,
+                                                                 no_model_load):
+    out, init, resume = tmp_path / "out", tiny_dir, False
+    if case == "file":
+        out.write_text("my notes")
+        message = "is a file"
+    elif case == "foreign":
+        out.mkdir()
+        (out / "notes.txt").write_text("a week of work")
+        message = "is not empty (notes.txt)"
+    elif case == "finished":  # a finished run whose checkpoint/ was removed (to save space): the model stays
+        shutil.copytree(finished_run, out)
+        shutil.rmtree(out / "checkpoint")
+        message = "is not empty (config.json"
+    elif case == "init":  # --out_dir equal to --init, even with --resume
+        shutil.copytree(tiny_dir, out)
+        init, resume, message = str(out), True, "holds the --init model"
+    elif case == "incomplete_checkpoint":  # a checkpoint/ without resume.pt is not "no checkpoint"
+        shutil.copytree(finished_run, out)
+        os.remove(out / "checkpoint" / "resume.pt")
+        message = "is not empty (checkpoint"
+    else:
+        out, message = "", "--out_dir is empty"
+    before = tree_hash(out) if out else None
+    argv = args(init, rows_file, out, *(["--resume"] if resume else []))
+    with pytest.raises(UserError, match=re.escape(message)):
+        train.main(argv)
+    if out:
+        assert tree_hash(out) == before
+    if case == "incomplete_checkpoint":
+        with pytest.raises(UserError, match="checkpoint/ is incomplete"):
+            train.main(argv + ["--resume"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "nan"], "--lr must be a finite number"), (["--lr", "inf"], "--lr must be a finite number"),
+    (["--lr", "-1"], "--lr, --weight_decay"), (["--max_steps", "-1"], "--max_steps must be >= 0"),
+    (["--lam_min", "1.5"], "--lam_min must lie in"), (["--epochs", "0"], "--epochs > 0"),
+    (["--eval_fraction", "1"], "--eval_fraction must lie in"), (["--seed", "-3"], "--seed"),
+    (["--guess_k", "0"], "--guess_k must be >= 1"), (["--method", "ppo"], "invalid choice: 'ppo'"),
+    (["--warmup_ratio", "2"], "--warmup_ratio"), (["--sample_every", "-2"], "--sample_every")])
+def test_flags_out_of_range_are_one_argparse_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(flags)
+    err = capsys.readouterr().err.strip().splitlines()  # argparse: the usage, then one line
+    assert e.value.code == 2 and ": error: " in err[-1] and message in err[-1], err
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_guess_k_beyond_the_vocabulary_is_refused_before_the_model_loads(tiny_dir, rows_file, tmp_path,
+                                                                         no_model_load):
+    with pytest.raises(UserError, match="--guess_k 50000 is beyond the vocabulary"):
+        train.main(args(tiny_dir, rows_file, tmp_path / "out", "--guess", "topk", "--guess_k", "50000"))
+
+
+def edited_model(tiny_dir, tmp_path, value):
+    """A copy of the tiny model with one weight of the first layer's attention set to value."""
+    init = tmp_path / "init"
+    shutil.copytree(tiny_dir, init)
+    tensors = load_file(init / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name][0, 0] = value
+    save_file(tensors, init / "model.safetensors", metadata={"format": "pt"})
+    return str(init)
+
+
+def test_nan_weights_in_init_are_refused_before_training(tiny_dir, rows_file, tmp_path):
+    init = edited_model(tiny_dir, tmp_path, float("nan"))
+    with pytest.raises(UserError, match="q_proj.weight hold non-finite values"):
+        train.main(args(init, rows_file, tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out" / "checkpoint")
+
+
+def test_a_non_finite_loss_stops_the_run_and_publishes_nothing(tiny_dir, rows_file, tmp_path):
+    """Finite weights whose forward pass overflows (a config or checkpoint gone wrong): the first step's loss is
+    not finite; the run stops there, naming the step, and writes nothing."""
+    init = edited_model(tiny_dir, tmp_path, 3e38)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"step 1: loss nan, gradient norm nan: not finite.*no checkpoint was saved"):
+        train.main(args(init, rows_file, out, "--save_every", "1"))
+    assert not out.exists()
+
+
+def test_an_exploding_run_keeps_the_last_good_checkpoint_and_publishes_nothing(cut_run, tiny_dir, rows_file,
+                                                                               tmp_path):
+    """Resumed from a good step-2 checkpoint with an absurd --lr: the run stops at the first non-finite loss or
+    gradient norm; the step-2 checkpoint is untouched and out_dir holds no model."""
+    out = tmp_path / "out"
+    shutil.copytree(cut_run, out)
+    before = tree_hash(out)
+    with pytest.raises(UserError, match="not finite.*last checkpoint: step 2 .*untouched; nothing published"):
+        train.main(args(tiny_dir, rows_file, out, "--max_steps", "6", "--save_every", "2", "--resume",
+                        "--lr", "1e6"))
+    assert tree_hash(out) == before
+
+
+def test_non_finite_weights_are_never_saved(tiny_dir, rows_file, tmp_path):
+    """One step whose loss and gradient are finite but whose update is not (RMSprop at --lr 1e38): the save
+    refuses it."""
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="step 1: the weights hold non-finite values.*no checkpoint was saved yet"):
+        train.main(args(tiny_dir, rows_file, out, "--max_steps", "1", "--optimizer", "rmsprop", "--lr", "1e38",
+                        "--warmup_ratio", "0"))
+    assert not out.exists()
+
+
+def test_non_finite_optimizer_moments_are_refused_on_resume(cut_run, tiny_dir, rows_file, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(cut_run, out)
+    path = out / "checkpoint" / "optimizer.safetensors"
+    moments = load_file(path)
+    name = next(k for k in moments if k.endswith("exp_avg_sq"))
+    moments[name].view(-1)[0] = float("inf")
+    save_file(moments, path)
+    with pytest.raises(UserError, match=f"optimizer.safetensors: {name} holds non-finite values"):
+        train.main(args(tiny_dir, rows_file, out, "--max_steps", "6", "--resume"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "sft"], "other --method: ift, now sft"), (["--seed", "1"], "other --seed"),
+    (["--batch_size", "2"], "other examples per step"), (["--max_length", "40"], "other training data"),
+    (["--max_steps", "1"], "at step 2, past this run's 1 steps"), ("other_init", "other --init"),
+    ("other_data", "other training data")])
+def test_resume_refuses_what_it_cannot_continue(flags, message, cut_run, tiny_dir, rows_file, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(cut_run, out)
+    before = tree_hash(out)
+    init, data = tiny_dir, rows_file
+    if flags == "other_init":
+        init, flags = shutil.copytree(tiny_dir, tmp_path / "init"), []
+    if flags == "other_data":
+        data, flags = (write_jsonl(tmp_path / "other.jsonl", chat_rows(32, seed=5)), rows_file[1]), []
+    argv = args(str(init), data, out, "--max_steps", "6", "--resume", *flags)
+    with pytest.raises(UserError, match=message):
+        train.main(argv)
+    assert tree_hash(out) == before
+
+
+def test_resume_with_changed_settings_says_so_and_records_them(cut_run, tiny_dir, rows_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(cut_run, out)
+    train.main(args(tiny_dir, rows_file, out, "--max_steps", "6", "--save_every", "2", "--resume", "--lr", "5e-4",
+                    "--lam", "0.1"))
+    assert "resume: changed since the checkpoint: lam 0.2 -> 0.1, lr 0.001 -> 0.0005" in capsys.readouterr().out
+    record = json.load(open(out / "train_config.json"))
+    assert record["history"] == [{"resumed_at": 2, "changed": {"lam": [0.2, 0.1], "lr": [0.001, 0.0005]}}]
+    assert (record["lr"], record["step"], record["world"], record["examples_per_step"]) == (5e-4, 6, 1, 8)
+
+
+# a run in its own process, as a user starts it (errors.run: one line, no traceback), that signals itself: at a
+# chosen step (before its learning rate is set) or in the middle of its second save
+SIGNALLER = """
+import os, signal, sys, torch
+sys.path.insert(0, {root!r})
+import errors, train
+how, argv = sys.argv[1], sys.argv[2:]
+lr_at, save = train.lr_at, torch.save
+
+def lr_or_term(step, total, cfg):
+    if how == "sigterm_at_step_3" and step == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return lr_at(step, total, cfg)
+
+def save_or_interrupt(obj, f, *args, **kw):  # Ctrl-C while resume.pt of the step-4 checkpoint is being written
+    if how == "ctrl_c_while_saving" and str(f).endswith("resume.pt") and obj["step"] == 4:
+        os.kill(os.getpid(), signal.SIGINT)
+    save(obj, f, *args, **kw)
+
+train.lr_at, torch.save = lr_or_term, save_or_interrupt
+errors.run(train.main, argv)
+"""
+
+
+@pytest.mark.parametrize("how, line", [
+    ("ctrl_c_while_saving", "interrupted after step 4 of 6; last checkpoint: step 4 in "),
+    ("sigterm_at_step_3", "terminated (SIGTERM) after step 2 of 6; last checkpoint: step 2 in ")])
+def test_ctrl_c_and_sigterm_end_in_one_line_after_the_save_and_resume_exactly(how, line, tiny_dir, rows_file,
+                                                                             tmp_path):
+    run = args(tiny_dir, rows_file, tmp_path / "out", "--max_steps", "6", "--save_every", "2")
+    r = subprocess.run([sys.executable, "-c", SIGNALLER.format(root=ROOT), how, *run], capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(line) and last.endswith("; continue with --resume"), last
+    train.main(run + ["--resume"])
+    train.main(args(tiny_dir, rows_file, tmp_path / "full", "--max_steps", "6", "--save_every", "2"))
+    a, b = weights(tmp_path / "out"), weights(tmp_path / "full")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+
+
+def test_ctrl_c_under_torchrun_is_one_line_and_resumable(tiny_dir, rows_file, tmp_path):
+    """Ctrl-C in a terminal signals torchrun and every worker (one process group): the job ends non-zero, our
+    message appears once (rank 0), with no traceback from train.py, and --resume continues."""
+    out = tmp_path / "out"
+    run = args(tiny_dir, rows_file, out, "--max_steps", "200", "--save_every", "2", "--batch_size", "2",
+               "--grad_accum", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           os.path.join(ROOT, "train.py"), *run]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoint").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    log = stdout + stderr
+    assert p.returncode != 0
+    assert log.count("interrupted after step") == 1, log[-3000:]
+    assert 'train.py", line' not in log, log[-3000:]
+    # one process with twice the accumulation: the same examples per step, so the same data position
+    train.main(args(tiny_dir, rows_file, out, "--max_steps", "8", "--save_every", "2", "--batch_size", "2",
+                    "--grad_accum", "2", "--resume"))
+    assert json.load(open(out / "train_config.json"))["step"] == 8
