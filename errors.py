@@ -77,3 +77,74 @@ def signals_deferred():
             signal.signal(s, handler)
     if got:
         raise KeyboardInterrupt() if got[0] == signal.SIGINT else Interrupted("terminated (SIGTERM)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading the user's files: every failure is one UserError naming the file (and the line, where text has one)
+
+
+class BadValue(UserError, ValueError):
+    """A UserError that is also a ValueError: what the readers raised before, so library callers that catch
+    ValueError keep working."""
+
+
+class NotFound(UserError, FileNotFoundError):
+    """A UserError that is also a FileNotFoundError."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def file_error(path: str, e: BaseException, what: str = "cannot read it") -> UserError:
+    """The one-line UserError for exception e raised while reading path; what says what the file failed to be
+    ("not a safetensors file") when e is the parser's own error."""
+    if isinstance(e, UserError):
+        return e
+    if isinstance(e, FileNotFoundError):
+        return NotFound(f"{path}: no such file")
+    if isinstance(e, IsADirectoryError):
+        return BadValue(f"{path}: is a directory, not a file")
+    if isinstance(e, PermissionError):
+        return BadValue(f"{path}: permission denied")
+    if isinstance(e, OSError) and e.strerror:
+        return BadValue(f"{path}: cannot read it ({e.strerror})")
+    if isinstance(e, RecursionError):
+        return BadValue(f"{path}: {what} (nested too deeply)")
+    return BadValue(f"{path}: {what} ({_first_line(e)})")
+
+
+def read_text(path: str) -> str:
+    """A UTF-8 text file; bytes that are not UTF-8 are reported with their line."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise file_error(path, e) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise BadValue(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}: "
+                       f"{e.reason})") from None
+
+
+def read_json(path: str, kind: type = dict):
+    """A JSON file whose top level is a kind (dict or list), or one UserError naming the file."""
+    import json
+    text = read_text(path)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadValue(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise BadValue(f"{path}: not valid JSON (nested too deeply)") from None
+    if not isinstance(obj, kind):
+        want = {dict: "an object {...}", list: "a list [...]"}.get(kind, kind.__name__)
+        raise BadValue(f"{path}: the top level must be {want}, not {type(obj).__name__}")
+    return obj
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows the script's docstring as written and each flag's default."""
