@@ -16,6 +16,8 @@ import functools
 import torch
 import torch.nn as nn
 
+from errors import BadValue
+
 CACHE_ROUND = 256  # static caches are allocated in multiples of this many positions, so other prompt lengths fit
 
 
@@ -104,6 +106,12 @@ def decode(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int
     so the caller decides how often. compile None: compiled on CUDA, eager elsewhere."""
     B, T = idx.shape
     cfg = model.config
+    # positions past the model's context give garbage, not text: refused (the scripts check their flags and rows
+    # against the context before loading a model; this is the last line for every other caller)
+    if max_new_tokens < 0 or T + max_new_tokens > cfg.max_position_embeddings:
+        raise BadValue(f"cannot decode {max_new_tokens} new tokens after a {T}-token prompt: the model's context is "
+                       f"{cfg.max_position_embeddings} positions (max_position_embeddings), prompt and new tokens "
+                       "together")
     dtype = model.embed_tokens.weight.dtype
     if torch.is_autocast_enabled(idx.device.type):
         dtype = torch.get_autocast_dtype(idx.device.type)

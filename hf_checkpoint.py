@@ -12,10 +12,14 @@ Every config.json key is one of three kinds:
 What transformers 5.x reads for each family (Llama, Mistral, Qwen2) decides which keys are math.
 """
 import json
+import math
 import os
+import re
 import warnings
 
 import torch
+
+from errors import BadValue, NotFound, file_error, read_json
 
 ARCHITECTURES = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -54,18 +58,36 @@ def is_inert(key: str, model_type: str) -> bool:
 
 def config_kwargs(hf: dict, source: str = "config.json") -> dict:
     """ModelConfig's fields from a transformers config.json dict (4.x or 5.x style); errors name source."""
+    if not isinstance(hf, dict):
+        raise BadValue(f"{source}: the top level must be an object {{...}}, not {type(hf).__name__}")
     hf = dict(hf)
     mt = hf.pop("model_type", None)
     if mt not in ARCHITECTURES:
-        raise ValueError(f"{source}: model_type {mt!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+        raise BadValue(f"{source}: model_type {mt!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
 
-    def take(key, default=KeyError):
+    def take(key, default=KeyError, kind=None):
+        """hf[key] (or default), checked to be a kind: "size" (a positive integer), "positive" (a finite
+        number > 0), "bool", "dict" or "list"; None (JSON null) passes where the default is None."""
         if key not in hf and default is KeyError:
-            raise ValueError(f"{source}: lacks {key!r}")
-        return hf.pop(key, default)
+            raise BadValue(f"{source}: lacks {key!r}")
+        value = hf.pop(key, default)
+        if kind is not None and not (value is None and default is None):
+            check(key, value, kind)
+        return value
+
+    def check(key, value, kind):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = {"size": number and isinstance(value, int) and value > 0,
+              "positive": number and math.isfinite(value) and value > 0,
+              "bool": isinstance(value, bool), "dict": isinstance(value, dict),
+              "list": isinstance(value, list)}[kind]
+        if not ok:
+            want = {"size": "a positive integer", "positive": "a positive number", "bool": "true or false",
+                    "dict": "an object {...}", "list": "a list [...]"}[kind]
+            raise BadValue(f"{source}: {key}={value!r} must be {want}")
 
     def refuse(key, value, what):
-        raise ValueError(f"{source}: {key}={value!r} is not supported ({what})")
+        raise BadValue(f"{source}: {key}={value!r} is not supported ({what})")
 
     # values that change the math, and the only ones model.py implements
     if (act := take("hidden_act", "silu")) not in ("silu", "swish"):
@@ -81,44 +103,54 @@ def config_kwargs(hf: dict, source: str = "config.json") -> dict:
 
     # rotary embeddings: transformers 5 writes rope_parameters (with rope_theta inside), 4.x rope_theta + rope_scaling
     rope_key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
-    rope = dict(take(rope_key, None) or {})
+    rope = dict(take(rope_key, None, "dict") or {})
     hf.pop("rope_scaling", None)
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
     if (factor := rope.pop("partial_rotary_factor", 1.0)) != 1.0:
         refuse(f"{rope_key} partial_rotary_factor", factor, "RoPE on the whole head")
-    top_theta = take("rope_theta", None)  # transformers 5 prefers the one inside the rope dict
+    top_theta = take("rope_theta", None, "positive")  # transformers 5 prefers the one inside the rope dict
     theta = rope.pop("rope_theta", None) or top_theta or 10000.0
-    max_pos = take("max_position_embeddings", {"llama": 2048, "mistral": 131072, "qwen2": 32768}[mt])
-    original_max = take("original_max_position_embeddings", None)  # Phi-3 style, outside the rope dict
+    check(f"{rope_key} rope_theta", theta, "positive")
+    max_pos = take("max_position_embeddings", {"llama": 2048, "mistral": 131072, "qwen2": 32768}[mt], "size")
+    original_max = take("original_max_position_embeddings", None, "size")  # Phi-3 style, outside the rope dict
     scaling = None
     if rope_type == "llama3":
         rope.setdefault("original_max_position_embeddings", original_max or max_pos)
         need = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
         if any(k not in rope for k in need):
-            raise ValueError(f"{source}: llama3 rope scaling needs {need}, got {sorted(rope)}")
+            raise BadValue(f"{source}: llama3 rope scaling needs {need}, got {sorted(rope)}")
+        for k in need:
+            check(f"{rope_key} {k}", rope[k], "positive")
         scaling = dict({k: rope[k] for k in need}, rope_type="llama3")
     elif rope_type != "default":
         refuse(f"{rope_key} rope_type", rope_type, "only default and llama3")
 
     # attention: grouped heads, head size, windows
-    n_heads, dim = take("num_attention_heads"), take("hidden_size")
+    n_heads, dim = take("num_attention_heads", kind="size"), take("hidden_size", kind="size")
     # a missing num_key_value_heads means what transformers' class default means
-    n_kv = take("num_key_value_heads", None) or {"llama": n_heads, "mistral": 8, "qwen2": 32}[mt]
+    n_kv = take("num_key_value_heads", None, "size") or {"llama": n_heads, "mistral": 8, "qwen2": 32}[mt]
     head_dim = take("head_dim", None)
+    if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int)):
+        check("head_dim", head_dim, "size")
     if head_dim is None and dim % n_heads:
-        raise ValueError(f"{source}: hidden_size {dim} is not a multiple of num_attention_heads {n_heads}; "
-                         "give head_dim")
+        raise BadValue(f"{source}: hidden_size {dim} is not a multiple of num_attention_heads {n_heads}; "
+                       "give head_dim")
     head_dim = head_dim or dim // n_heads
     if head_dim <= 0 or head_dim % 2 or n_heads % n_kv:
-        raise ValueError(f"{source}: head_dim={head_dim} must be even and positive, and num_attention_heads "
-                         f"({n_heads}) a multiple of num_key_value_heads ({n_kv})")
-    n_layers = take("num_hidden_layers")
+        raise BadValue(f"{source}: head_dim={head_dim} must be even and positive, and num_attention_heads "
+                       f"({n_heads}) a multiple of num_key_value_heads ({n_kv})")
+    n_layers = take("num_hidden_layers", kind="size")
     window, window_layers = None, None
     if mt == "mistral":
         window = take("sliding_window", 4096)  # absent means MistralConfig's default, as in transformers
+        if window is not None:
+            check("sliding_window", window, "size")
     elif mt == "qwen2":  # the window applies only when asked, and then on the layers layer_types names
-        use, size = take("use_sliding_window", False), take("sliding_window", 4096)
-        n_full, layer_types = take("max_window_layers", 28), take("layer_types", None)
+        use, size = take("use_sliding_window", False, "bool"), take("sliding_window", 4096)
+        n_full, layer_types = take("max_window_layers", 28), take("layer_types", None, "list")
+        if use:
+            check("sliding_window", size, "size")
+            check("max_window_layers", n_full, "size")
         window = size if use else None
         if window is not None:  # no layer_types: transformers' rule, the first max_window_layers attend fully
             layer_types = layer_types or ["sliding_attention" if i >= n_full else "full_attention"
@@ -126,11 +158,11 @@ def config_kwargs(hf: dict, source: str = "config.json") -> dict:
             if len(layer_types) != n_layers or not set(layer_types) <= {"sliding_attention", "full_attention"}:
                 refuse("layer_types", layer_types, "one of sliding_attention / full_attention per layer")
             window_layers = [t == "sliding_attention" for t in layer_types]
-    kw = dict(vocab_size=take("vocab_size"), dim=dim, n_layers=n_layers, n_heads=n_heads,
-              n_kv_heads=n_kv, head_dim=head_dim, intermediate_size=take("intermediate_size"),
-              rms_norm_eps=take("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+    kw = dict(vocab_size=take("vocab_size", kind="size"), dim=dim, n_layers=n_layers, n_heads=n_heads,
+              n_kv_heads=n_kv, head_dim=head_dim, intermediate_size=take("intermediate_size", kind="size"),
+              rms_norm_eps=take("rms_norm_eps", 1e-6, "positive"), rope_theta=float(theta), rope_scaling=scaling,
               max_position_embeddings=max_pos, sliding_window=window, window_layers=window_layers,
-              qkv_bias=mt == "qwen2", tie_word_embeddings=take("tie_word_embeddings", False), model_type=mt)
+              qkv_bias=mt == "qwen2", tie_word_embeddings=take("tie_word_embeddings", False, "bool"), model_type=mt)
     unknown = sorted(k for k in hf if not is_inert(k, mt))
     if unknown:
         warnings.warn(f"{source}: keys {unknown} are not known to model.py and are ignored; if one of them changes "
@@ -167,18 +199,25 @@ def resolve_checkpoint(path: str) -> str:
     if os.path.isdir(path):
         return path
     if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
-        raise FileNotFoundError(f"{path!r} is not a checkpoint directory (nor a hub id like 'org/name')")
+        raise NotFound(f"{path!r} is not a checkpoint directory (nor a hub id like 'org/name')")
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"])
     except Exception as e:
-        raise FileNotFoundError(f"could not download {path!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
+        raise NotFound(f"could not download {path!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
                                 "when offline, pass a local checkpoint directory") from e
 
 
 def read_config(path: str) -> dict:
-    with open(os.path.join(path, "config.json")) as f:
-        return json.load(f)
+    """config.json of a checkpoint directory: one UserError naming the file when it is missing or not JSON."""
+    return read_json(os.path.join(path, "config.json"))
+
+
+def safetensors_error(path: str, e: Exception) -> Exception:
+    """A safetensors reader's exception as one line naming the file (a truncated file, a garbage header)."""
+    if os.path.isdir(path):
+        return BadValue(f"{path}: is a directory, not a safetensors file")
+    return file_error(path, e, "not a readable safetensors file (truncated or corrupt?)")
 
 
 def weight_files(path: str) -> dict:
@@ -186,21 +225,69 @@ def weight_files(path: str) -> dict:
     from safetensors import safe_open
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise BadValue(f"{index}: 'weight_map' must be an object {{tensor name: file name}}")
+        return {k: os.path.join(path, v) for k, v in weight_map.items()}
     single = os.path.join(path, "model.safetensors")
     if not os.path.exists(single):
-        raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json")
-    with safe_open(single, framework="pt") as f:
-        return {k: single for k in f.keys()}
+        raise NotFound(f"{path} has no model.safetensors or model.safetensors.index.json")
+    try:
+        with safe_open(single, framework="pt") as f:
+            return {k: single for k in f.keys()}
+    except Exception as e:
+        raise safetensors_error(single, e) from None
+
+
+def stored_shapes(files: dict) -> dict:
+    """{tensor name: shape} from the files' headers (no tensor data is read)."""
+    from safetensors import safe_open
+    shapes = {}
+    for file in sorted(set(files.values())):
+        try:
+            with safe_open(file, framework="pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if files.get(k) == file})
+        except Exception as e:
+            raise safetensors_error(file, e) from None
+    if missing := sorted(set(files) - set(shapes)):
+        raise BadValue(f"{files[missing[0]]}: has no tensor {missing[0]!r}, which the index names")
+    return shapes
+
+
+def check_layers(cfg, files: dict, source: str):
+    """Before any model is built: config.json's num_hidden_layers must be the number of layers the weights hold
+    (an absurd value would otherwise build millions of layers)."""
+    held = {int(m.group(1)) for k in files if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+    if len(held) != cfg.n_layers:
+        raise BadValue(f"{source}: num_hidden_layers={cfg.n_layers}, but the weights hold {len(held)} layers")
+
+
+SHAPE_HINT = " by config.json (check hidden_size, head_dim, num_key_value_heads, intermediate_size, vocab_size)"
+
+
+def check_shapes(model, files: dict, source: str = "config.json"):
+    """Every parameter of a (meta) model against the shape its file stores, before any memory is allocated: a
+    config (source) whose sizes contradict the weights, absurd ones included, stops here naming the tensor."""
+    hint = SHAPE_HINT.replace("config.json", source)
+    shapes = stored_shapes(files)
+    for key, p in model.state_dict(keep_vars=True).items():
+        name = hf_name(key)
+        if name in shapes and shapes[name] != tuple(p.shape):
+            raise BadValue(f"{files[name]}: {name} has shape {shapes[name]}, expected {tuple(p.shape)}{hint}")
 
 
 def stored_dtype(files: dict) -> torch.dtype:
     """The dtype the checkpoint stores its embedding table in (the model keeps it when no dtype is asked for)."""
     from safetensors import safe_open
-    name = next(k for k in files if k.endswith("embed_tokens.weight"))
-    with safe_open(files[name], framework="pt") as f:
-        return f.get_slice(name)[:1].dtype
+    name = next((k for k in files if k.endswith("embed_tokens.weight")), None)
+    if name is None:
+        raise BadValue(f"{sorted(set(files.values()))[0] if files else 'the checkpoint'}: holds no "
+                       "model.embed_tokens.weight")
+    try:
+        with safe_open(files[name], framework="pt") as f:
+            return f.get_slice(name)[:1].dtype
+    except Exception as e:
+        raise safetensors_error(files[name], e) from None
 
 
 def hf_name(key: str) -> str:
@@ -231,13 +318,19 @@ def read_into(targets: dict, files: dict, hint: str = ""):
     tensor are unmapped before the next: no more than one tensor's rows are mapped at a time."""
     from safetensors import safe_open
     for name, t in targets.items():
-        with safe_open(files[name], framework="pt") as f:
-            stored = f.get_slice(name)
-            if tuple(stored.get_shape()) != tuple(t.shape):
-                raise ValueError(f"{files[name]}: {name} has shape {tuple(stored.get_shape())}, expected "
-                                 f"{tuple(t.shape)}{hint}")
-            rows = own_rows(t)
-            local(t).copy_(f.get_tensor(name) if rows == slice(None) else stored[rows])
+        rows = own_rows(t)
+        try:
+            with safe_open(files[name], framework="pt") as f:
+                stored = f.get_slice(name)
+                if tuple(stored.get_shape()) != tuple(t.shape):
+                    raise BadValue(f"{files[name]}: {name} has shape {tuple(stored.get_shape())}, expected "
+                                   f"{tuple(t.shape)}{hint}")
+                value = f.get_tensor(name) if rows == slice(None) else stored[rows]
+        except BadValue:
+            raise
+        except Exception as e:
+            raise safetensors_error(files[name], e) from None
+        local(t).copy_(value)
 
 
 def load_weights(model, path: str, files: dict):
@@ -248,12 +341,11 @@ def load_weights(model, path: str, files: dict):
               if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     for name in files:
         if name not in params and not (name == "lm_head.weight" or name.endswith("rotary_emb.inv_freq")):
-            raise KeyError(f"{files[name]}: unexpected tensor {name!r} (not part of a {cfg.model_type} model)")
+            raise BadValue(f"{files[name]}: unexpected tensor {name!r} (not part of a {cfg.model_type} model)")
     missing = sorted(set(params) - set(files))
     if missing:
-        raise KeyError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    read_into(params, files, " by config.json (check hidden_size, head_dim, num_key_value_heads, "
-                             "intermediate_size, vocab_size)")
+        raise BadValue(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    read_into(params, files, SHAPE_HINT)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 import decode
 import hf_checkpoint
+from errors import BadValue
 from hf_checkpoint import resolve_checkpoint  # noqa: F401  (scripts import it from here)
 
 
@@ -268,10 +269,13 @@ class Transformer(nn.Module):
         checkpoint's own when None. shard(model), when given, runs on the meta model first (FSDP's fully_shard),
         and each rank then reads only the rows of each tensor it keeps."""
         path = resolve_checkpoint(path)
-        cfg = ModelConfig.from_hf(hf_checkpoint.read_config(path), source=f"{path}/config.json")
+        source = f"{path}/config.json"
+        cfg = ModelConfig.from_hf(hf_checkpoint.read_config(path), source=source)
         files = hf_checkpoint.weight_files(path)
+        hf_checkpoint.check_layers(cfg, files, source)  # before building: no million-layer model from a typo
         with torch.device("meta"):
             model = cls(cfg).to(dtype or hf_checkpoint.stored_dtype(files))
+        hf_checkpoint.check_shapes(model, files, source)  # before allocating: sizes contradicting the weights
         if shard is not None:
             shard(model)
         model.to_empty(device=device or "cpu")
@@ -295,9 +299,13 @@ def pick_device(name: str = "auto") -> torch.device:
     """The --device rule of every script: "auto" is cuda when there is one, else cpu."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is visible to torch (use --device cpu or auto)")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BadValue(f"--device {name}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadValue(f"--device {name}: no CUDA device is visible to torch (use --device cpu or auto)")
+    return device
 
 
 def decoding_dtype(device) -> torch.dtype:
