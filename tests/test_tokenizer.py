@@ -6,10 +6,10 @@ import json
 import os
 
 import pytest
-from jinja2.exceptions import SecurityError, TemplateError
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from errors import UserError
 from tok_corpus import SPECIAL, conversations, corpus
 from tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
 
@@ -415,7 +415,8 @@ def test_template_sources_and_helpers(tmp_path):
     assert _learned(tok, ids, mask) == ["yo<|eot_id|>"] and tok.decode(ids).count("<|eot_id|>") == 2
     with open(os.path.join(path, "chat_template.jinja"), "w") as f:  # takes precedence over the config
         f.write("{{ raise_exception('no chat for you') }}")
-    with pytest.raises(TemplateError, match="no chat"):
+    # a template's own error is one line naming its file and line (errors.UserError)
+    with pytest.raises(UserError, match=r"^\S*chat_template.jinja: chat template line 1: raise_exception: no chat"):
         Tokenizer.from_pretrained(path).encode_chat([{"role": "user", "content": "hi"}])
     with open(os.path.join(path, "chat_template.jinja"), "w") as f:
         f.write("{% for m in messages %}{{ m['content'] | upper }}{% endfor %}")
@@ -423,7 +424,7 @@ def test_template_sources_and_helpers(tmp_path):
         Tokenizer.from_pretrained(path).encode_chat([{"role": "user", "content": "hi"}])
     with open(os.path.join(path, "chat_template.jinja"), "w") as f:  # untrusted templates stay sandboxed
         f.write("{{ messages.__class__.__mro__[1].__subclasses__() }}")
-    with pytest.raises(SecurityError):
+    with pytest.raises(UserError, match="refused by the sandbox: access to attribute '__class__'"):
         Tokenizer.from_pretrained(path).encode_chat([{"role": "user", "content": "hi"}])
     assert sorted(os.path.basename(f) for f in tok.files) == ["tokenizer.json", "tokenizer_config.json"]
 
