@@ -24,12 +24,15 @@ import random
 import numpy as np
 import torch
 
+from errors import BadValue, UserError, file_error, read_text
+
 ROLES = ("system", "user", "assistant")
 IGNORE = -100
 
 
-class DataError(ValueError):
-    pass
+class DataError(BadValue):
+    """A problem with the data (a file, a row): a UserError, so scripts report it in one line, and a ValueError,
+    as before."""
 
 
 def parse_source(source: str):
@@ -66,27 +69,42 @@ def read_rows(source: str, seed: int = 0) -> list[dict]:
 
 
 def read_local(path: str) -> list[dict]:
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory; give a .jsonl, .json or .parquet file")
     if path.endswith(".parquet"):
-        import datasets
-        return datasets.Dataset.from_parquet(path).to_list()
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+        import pyarrow.parquet as pq
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow's ArrowInvalid on a corrupt file, an OSError
+            raise DataError(str(file_error(path, e, "not a readable parquet file"))) from None
+    try:
+        text = read_text(path)  # bytes that are not UTF-8 are reported with their line
+    except UserError as e:
+        raise DataError(str(e)) from None
     if path.endswith(".json") and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-        if not all(isinstance(r, dict) for r in rows):
-            raise DataError(f"{path}: a JSON file must hold a list of objects (one per example)")
+        except RecursionError:
+            raise DataError(f"{path}: not valid JSON (nested too deeply)") from None
+        for i, r in enumerate(rows):
+            if not isinstance(r, dict):
+                raise DataError(f"{path} row {i + 1}: a JSON file must hold a list of objects (one per example), "
+                                f"not {type(r).__name__}")
         return rows
     rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):  # JSON lines: one object per line
+    # JSON lines: one object per line, split at "\n" only (splitlines would also split at U+2028 and other
+    # separators that may stand unescaped inside a JSON string)
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg}); fix or remove that line") from None
+        except RecursionError:
+            raise DataError(f"{path}:{lineno}: malformed JSON line (nested too deeply)") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
         rows.append(row)
@@ -164,13 +182,14 @@ def tokenize_sources(sources: str, tokenizer_dir: str, max_length: int, learn: s
     """'src1,src2,...' -> list of (ids, mask) examples. Every row is validated before anything is tokenized;
     tokenization runs through datasets' map, in num_proc processes."""
     import datasets
-    convs = []
+    convs, wheres = [], []
     for source in [s.strip() for s in sources.split(",") if s.strip()]:
         rows = read_rows(source, seed)
-        convs += [to_messages(r, f"{source} row {i + 1}") for i, r in enumerate(rows)]
-    ds = datasets.Dataset.from_dict({"messages": convs})
+        wheres += [f"{source} row {i + 1}" for i in range(len(rows))]
+        convs += [to_messages(r, where) for r, where in zip(rows, wheres[-len(rows):])]
+    ds = datasets.Dataset.from_dict({"messages": convs, "where": wheres})  # where: the row, for errors
     ds = ds.map(_tokenize, fn_kwargs=dict(tokenizer_dir=tokenizer_dir, max_length=max_length, learn=learn),
-                remove_columns=["messages"], num_proc=num_proc if num_proc > 1 else None,
+                remove_columns=["messages", "where"], num_proc=num_proc if num_proc > 1 else None,
                 desc="tokenizing", load_from_cache_file=False)
     examples = [(np.array(ids, dtype=np.int32), np.array(mask, dtype=np.bool_))
                 for ids, mask in zip(ds["ids"], ds["mask"]) if any(mask[1:])]
@@ -193,15 +212,16 @@ def tokenize_pairs(sources: str, tokenizer_dir: str, max_length: int, learn: str
     as tokenize_sources makes them, truncated on its own. Every row is validated before anything is tokenized;
     pairs with a side left without answer tokens are dropped and counted."""
     import datasets
-    chosen, rejected = [], []
+    chosen, rejected, wheres = [], [], []
     for source in [s.strip() for s in sources.split(",") if s.strip()]:
         for i, row in enumerate(read_rows(source, seed)):
             c, r = to_pair(row, f"{source} row {i + 1}")
             chosen.append(c)
             rejected.append(r)
-    ds = datasets.Dataset.from_dict({"chosen": chosen, "rejected": rejected})
+            wheres.append(f"{source} row {i + 1}")
+    ds = datasets.Dataset.from_dict({"chosen": chosen, "rejected": rejected, "where": wheres})
     ds = ds.map(_tokenize_pair, fn_kwargs=dict(tokenizer_dir=tokenizer_dir, max_length=max_length, learn=learn),
-                remove_columns=["chosen", "rejected"], num_proc=num_proc if num_proc > 1 else None,
+                remove_columns=["chosen", "rejected", "where"], num_proc=num_proc if num_proc > 1 else None,
                 desc="tokenizing pairs", load_from_cache_file=False)
     pairs = []
     for c_ids, c_mask, r_ids, r_mask in zip(ds["c_ids"], ds["c_mask"], ds["r_ids"], ds["r_mask"]):
@@ -225,13 +245,17 @@ def _tokenize(row, tokenizer_dir, max_length, learn):
     from tokenizer import Tokenizer  # loaded once per worker process
     if tokenizer_dir not in _tokenizers:
         _tokenizers[tokenizer_dir] = Tokenizer.from_pretrained(tokenizer_dir)
-    ids, mask = truncate(*_tokenizers[tokenizer_dir].encode_chat(row["messages"], learn=learn), max_length)
+    try:
+        ids, mask = truncate(*_tokenizers[tokenizer_dir].encode_chat(row["messages"], learn=learn), max_length)
+    except UserError as e:  # the chat template failed on this row (it names the template): add the row
+        raise DataError(f"{row.get('where', 'a row')}: {e}") from None
     return {"ids": ids, "mask": mask}
 
 
 def _tokenize_pair(row, tokenizer_dir, max_length, learn):
-    c = _tokenize({"messages": row["chosen"]}, tokenizer_dir, max_length, learn)
-    r = _tokenize({"messages": row["rejected"]}, tokenizer_dir, max_length, learn)
+    where = row.get("where", "a row")
+    c = _tokenize({"messages": row["chosen"], "where": where}, tokenizer_dir, max_length, learn)
+    r = _tokenize({"messages": row["rejected"], "where": f"{where} (rejected)"}, tokenizer_dir, max_length, learn)
     return {"c_ids": c["ids"], "c_mask": c["mask"], "r_ids": r["ids"], "r_mask": r["mask"]}
 
 
