@@ -15,9 +15,9 @@ checkpoint after each stage. results.json keeps every finished stage, so a stopp
 it was, and it records the settings: a rerun with other settings stops rather than mixing runs. Writes
 runs/compare/results.json and assets/compare.png, and prints the table.
 """
-import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -25,7 +25,9 @@ import time
 
 import torch
 
+import errors
 import eval as evaluation
+from convert_gguf import ensure_default
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("sft", "ift", "dpo", "orpo", "simpo", "tdpo")
@@ -57,10 +59,36 @@ def run_stage(method, seed, steps, stop, out_dir, extra) -> float:
            "--max_steps", str(steps), "--stop_at", str(stop), "--out_dir", out_dir, "--eval_every", "0",
            "--sample_every", "0", *extra, *(["--resume"] if at else [])]
     t0 = time.time()
-    if subprocess.run(cmd).returncode != 0:
+    if run_child(cmd, f"train.py --method {method} --seed {seed}", os.path.dirname(out_dir)) != 0:
         sys.exit(f"error: train.py --method {method} --seed {seed} failed before step {stop} (its message is "
                  f"above); finished runs are kept in {os.path.dirname(out_dir)}/results.json")
     return time.time() - t0
+
+
+def run_child(cmd: list, what: str, out_dir: str, grace_s: float = 2.0) -> int:
+    """Run cmd to its end; its exit code. On Ctrl-C or SIGTERM here, the child stops the way it stops for one
+    (train.py finishes a checkpoint it is writing and says where it stopped), never killed: a Ctrl-C at the
+    terminal reaches it directly; a signal sent to this process only is passed on after grace_s. Then this
+    process stops with one line (errors.run: exit 130)."""
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except (KeyboardInterrupt, errors.Interrupted) as e:
+        sig = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
+        deadline, sent = time.monotonic() + grace_s, False
+        while proc.poll() is None:
+            try:
+                if not sent and time.monotonic() > deadline:
+                    proc.send_signal(sig)
+                    sent = True
+                proc.wait(timeout=0.1)
+            except subprocess.TimeoutExpired:
+                pass
+            except (KeyboardInterrupt, errors.Interrupted):  # pressed again: the child has it, let it finish
+                pass
+        stop = KeyboardInterrupt if sig == signal.SIGINT else errors.Interrupted
+        raise stop(f"interrupted during {what} (it stopped with exit code {proc.returncode}); finished stages are "
+                   f"kept in {out_dir}/results.json: run the same command again to continue") from None
 
 
 def score(path, rows, args):
@@ -77,29 +105,49 @@ def mean_std(values):
 
 def parse_args(argv=None):
     """(this script's arguments, the rest: passed on to train.py, e.g. --lam, --gamma, --lr)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--init", default=os.path.join(HERE, "checkpoints", "SmolLM2-135M-Instruct"))
+    ap = errors.ArgumentParser(description=__doc__, formatter_class=errors.HelpFormatter)
+    ap.add_argument("--init", default=os.path.join(HERE, "checkpoints", "SmolLM2-135M-Instruct"),
+                    help="the model every method starts from (a checkpoint directory)")
     ap.add_argument("--data", default=os.path.join(HERE, "data", "chain_test.jsonl"), help="held-out rows")
     ap.add_argument("--train_data", default=os.path.join(HERE, "data", "chain_train.jsonl"),
                     help="training rows, train.py's --data (pair methods need a 'rejected' answer per row)")
     ap.add_argument("--methods", nargs="+", default=["sft", "ift"], choices=METHODS, metavar="METHOD",
                     help=f"any of {' '.join(METHODS)}")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--eval_at", nargs="+", type=int, default=[50, 100], help="steps to score (last = --steps)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2], help="one run per method and seed (>= 0)")
+    ap.add_argument("--steps", type=int, default=100, help="optimizer steps of every run (>= 1)")
+    ap.add_argument("--eval_at", nargs="+", type=int, default=[50, 100],
+                    help="steps to score, each in [1, --steps] (the last = --steps)")
     ap.add_argument("--limit", type=int, default=100, help="held-out rows scored (0: all)")
-    ap.add_argument("--max_new_tokens", type=int, default=64)
+    ap.add_argument("--max_new_tokens", type=int, default=64,
+                    help="greedy tokens per held-out prompt when scoring (>= 0; within the model's context)")
     ap.add_argument("--eval_batch_size", type=int, default=16, help="prompts per generation batch when scoring "
-                    "(--batch_size goes to train.py)")
-    ap.add_argument("--out_dir", default=os.path.join(HERE, "runs", "compare"))
+                    "(>= 1; --batch_size goes to train.py)")
+    ap.add_argument("--out_dir", default=os.path.join(HERE, "runs", "compare"),
+                    help="runs and results.json (kept: a rerun continues it)")
     ap.add_argument("--device", default="auto", help="for training and scoring: auto (cuda when there is one), "
                     "cuda or cpu")
-    ap.add_argument("--plot", default=os.path.join(HERE, "assets", "compare.png"))
+    ap.add_argument("--plot", default=os.path.join(HERE, "assets", "compare.png"), help="the plot written at the end")
     args, train_args = ap.parse_known_args(argv)
+    if args.steps < 1:
+        ap.error(f"--steps {args.steps}: must be >= 1")
+    if any(not 1 <= s <= args.steps for s in args.eval_at):
+        ap.error(f"--eval_at {' '.join(map(str, args.eval_at))}: every step must be in [1, --steps]")
     if sorted(args.eval_at)[-1] != args.steps:
         ap.error("the last --eval_at step must equal --steps")
     if len(set(args.methods)) < len(args.methods) or len(set(args.seeds)) < len(args.seeds):
         ap.error("--methods and --seeds must not repeat")
+    if any(s < 0 for s in args.seeds):
+        ap.error(f"--seeds {' '.join(map(str, args.seeds))}: must be >= 0")
+    if args.limit < 0:
+        ap.error(f"--limit {args.limit}: must be >= 0 (0: all rows)")
+    if args.max_new_tokens < 0:
+        ap.error(f"--max_new_tokens {args.max_new_tokens}: must be >= 0")
+    if args.eval_batch_size < 1:
+        ap.error(f"--eval_batch_size {args.eval_batch_size}: must be >= 1")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        ap.error(f"--out_dir {args.out_dir}: is a file, not a directory")
+    if os.path.isdir(args.plot):
+        ap.error(f"--plot {args.plot}: is a directory; give a file name")
     return args, train_args
 
 
@@ -134,6 +182,11 @@ def save_results(path: str, results: dict):
 def main(argv=None):
     args, train_args = parse_args(argv)
     rows = evaluation.load_rows(args.data)[: args.limit or None]
+    # the base model, and every held-out row against its context, before any training
+    init = ensure_default(args.init)
+    evaluation.check_checkpoint(init)
+    evaluation.pick_device(args.device)
+    evaluation.check_context(init, [("held-out", rows, args.data)], args.max_new_tokens)
     os.makedirs(args.out_dir, exist_ok=True)
     results_path = os.path.join(args.out_dir, "results.json")
     results = load_results(results_path, settings(args, train_args))  # finished runs are kept
@@ -214,4 +267,4 @@ def plot(results, args):
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import eval as ev
 import make_data
+from errors import UserError
 from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -258,15 +259,16 @@ def test_cli_end_to_end(tiny_tied_dir, tmp_path, capsys):
 
 
 def test_clear_errors(tiny_tied_dir, tmp_path):
-    with pytest.raises(SystemExit, match="nowhere"):
+    # errors.UserError: under errors.run (python eval.py) one line naming the path, exit 1
+    with pytest.raises(UserError, match="nowhere"):
         ev.main(["--init", str(tmp_path / "nowhere")])
-    with pytest.raises(SystemExit, match="no config.json"):
+    with pytest.raises(UserError, match="no config.json"):
         ev.main(["--init", str(tmp_path)])
-    with pytest.raises(SystemExit, match="missing.jsonl"):
+    with pytest.raises(UserError, match="missing.jsonl"):
         ev.main(["--init", tiny_tied_dir, "--data", str(tmp_path / "missing.jsonl")])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "no marker"}\n')
-    with pytest.raises(SystemExit, match="bad.jsonl: row 1"):
+    with pytest.raises(UserError, match="bad.jsonl: row 1"):
         ev.main(["--init", tiny_tied_dir, "--gsm8k", str(bad)])
 
 

@@ -2,6 +2,7 @@
 import pytest
 
 import sample
+from errors import UserError
 
 
 def test_chat_answer_streams(smollm2_dir, capsys):
@@ -26,7 +27,7 @@ def test_plain_continuation_is_seeded(smollm2_dir, capsys):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="not a checkpoint directory"):
+    with pytest.raises(UserError, match="not a checkpoint directory"):  # one line under errors.run
         sample.main(["--init", str(tmp_path / "nothing"), "--prompt", "hi"])
 
 
