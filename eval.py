@@ -301,7 +301,7 @@ def main(argv=None):
                                                 "(its folder must exist); '' for none")
     p.add_argument("--device", default=d.device, help="auto (cuda when there is one), cuda[:N] (bf16 weights) or cpu")
     p.add_argument("--compile_decode", action=argparse.BooleanOptionalAction, default=d.compile_decode,
-                   help="decode with one compiled step (CUDA graph) over a static cache; default (None): on CUDA only")
+                   help="decode with one compiled step (CUDA graph) over a static cache; None: on CUDA only")
     cfg = EvalConfig(**vars(p.parse_args(argv)))
 
     # flags, then files, then every row against each model's context: all before the first (slow) checkpoint loads

@@ -36,7 +36,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
     ap.add_argument("--device", default="auto", help="auto (cuda when there is one), cuda[:N] or cpu")
     ap.add_argument("--compile_decode", action=argparse.BooleanOptionalAction, default=None,
-                    help="one compiled decoding step (CUDA graph) over a static cache; default (None): on CUDA only")
+                    help="one compiled decoding step (CUDA graph) over a static cache; None: on CUDA only")
     args = ap.parse_args(argv)
 
     # every flag, then the checkpoint's context, before the model loads
