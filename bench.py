@@ -22,7 +22,6 @@ import argparse
 import copy
 import os
 import statistics
-import sys
 import tempfile
 import time
 import weakref
@@ -37,6 +36,7 @@ from torch.utils._pytree import tree_leaves
 import baselines
 import decode
 import ift
+from errors import UserError, run
 from model import ModelConfig, Transformer, pick_device
 from train import flops_per_token, gpu_row, peak_flops
 
@@ -496,8 +496,8 @@ def setup(args) -> tuple[torch.device, bool, object]:
         torch.set_num_threads(args.threads)
     try:
         device = pick_device(args.device)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    except ValueError as e:  # --device cuda without one
+        raise UserError(str(e)) from None
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and (device.type == "cuda" or args.loss_sweep))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     return device, bf16, autocast
@@ -697,4 +697,4 @@ def ratio_lines(secs: dict, guess: float, peaks: dict, dsecs: dict, ours: int, r
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -148,3 +148,11 @@ def read_json(path: str, kind: type = dict):
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows the script's docstring as written and each flag's default."""
+
+
+def field_comments(cls) -> dict:
+    """{field: its trailing comment} read from a dataclass's source (`name: type = default  # comment`): the
+    dataclass is --help's one source."""
+    import inspect
+    import re
+    return {m[1]: m[2] for m in re.finditer(r"^    (\w+): [^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M)}

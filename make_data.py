@@ -32,23 +32,24 @@ was seen, and not tuned toward any method. The first training row (chosen -> rej
 Fixed seed, deterministic; held-out rows never appear in the training file (asserted).
 Usage: python make_data.py [--seed 1337] [--n_train 4000] [--n_test 200] [--out_dir data]
 """
-import argparse
 import json
 import os
 import random
 import string
 from dataclasses import asdict, dataclass, fields
 
+from errors import ArgumentParser, HelpFormatter, field_comments, run
+
 
 @dataclass
-class DataConfig:
-    seed: int = 1337
-    n_train: int = 4000
-    n_test: int = 200
-    min_steps: int = 2
-    max_steps: int = 4
+class DataConfig:  # each field's comment is its --help text
+    seed: int = 1337         # seed of every random choice: the same seed writes the same files
+    n_train: int = 4000      # training rows
+    n_test: int = 200        # held-out rows
+    min_steps: int = 2       # fewest operations in one chain
+    max_steps: int = 4       # most operations in one chain
     p_letters: float = 0.25  # share of the letters family
-    out_dir: str = "data"
+    out_dir: str = "data"    # where chain_train.jsonl and chain_test.jsonl are written (replaced when there)
 
 
 # -----------------------------------------------------------------------------
@@ -219,12 +220,14 @@ def write_jsonl(path: str, rows: list):
             f.write(json.dumps(r) + "\n")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    comments = field_comments(DataConfig)
     for f in fields(DataConfig):
-        parser.add_argument(f"--{f.name}", type=f.type, default=f.default)
-    cfg = DataConfig(**vars(parser.parse_args()))
+        parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=comments[f.name])
+    cfg = DataConfig(**vars(parser.parse_args(argv)))
+    if cfg.n_train < 1 or cfg.n_test < 1 or not 1 <= cfg.min_steps <= cfg.max_steps or not 0 <= cfg.p_letters <= 1:
+        parser.error("--n_train and --n_test must be >= 1, 1 <= --min_steps <= --max_steps, --p_letters in [0, 1]")
     train, test = make_splits(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
     for name, rows in (("chain_train", train), ("chain_test", test)):
@@ -236,4 +239,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

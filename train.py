@@ -14,10 +14,8 @@ model directory; out_dir/checkpoint/ holds the latest resumable state (weights, 
 """
 import argparse
 import hashlib
-import inspect
 import math
 import os
-import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -32,7 +30,7 @@ import checkpoint
 import ift
 from convert_gguf import DEFAULT_OUT, ensure_default
 from data import batch_indices, collate, tokenize_pairs, tokenize_sources
-from errors import ArgumentParser, Interrupted, UserError, run, signals_deferred
+from errors import ArgumentParser, HelpFormatter, Interrupted, UserError, field_comments, run, signals_deferred
 from hf_checkpoint import local, read_config
 from model import ModelConfig, Transformer, pick_device, resolve_checkpoint
 from presets import METHOD_PRESETS, PRESETS
@@ -102,15 +100,6 @@ CHOICES = {"method": ("ift", "sft", *baselines.PAIR_METHODS), "optimizer": ("rms
            "lam_schedule": ("constant", "linear"), "dtype": ("auto", "bf16", "fp32"), "device": ("auto", "cpu", "cuda"),
            "guess": ("greedy", "topk", "sample"), "propagation": ("loss", "mask", "logps"),
            "propagation_side": ("left", "right"), "propagation_norm": tuple(ift.SHARPEN)}
-
-
-def field_comments(cls) -> dict:
-    """{field: its trailing comment} read from the class source: the dataclass is --help's one source."""
-    return {m[1]: m[2] for m in re.finditer(r"^    (\w+): [^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M)}
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, each flag with its default."""
 
 
 def parse_args(argv=None) -> TrainConfig:

@@ -8,6 +8,7 @@ import compare
 import eval as evaluation
 import sample
 import train
+from errors import UserError
 from model import Transformer, decoding_dtype, pick_device
 
 
@@ -49,5 +50,5 @@ def test_cuda_asked_for_without_one_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="--device cuda: no CUDA device"):
         pick_device("cuda")
-    with pytest.raises(SystemExit, match="no CUDA device"):
+    with pytest.raises(UserError, match="no CUDA device"):
         sample.main(["--device", "cuda"])
