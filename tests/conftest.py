@@ -11,6 +11,8 @@ import sys
 # variables once, at import (torchrun subprocesses inherit them)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# idle OpenMP threads sleep instead of spinning, as in the scripts (docs/performance.md): a shared machine
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
