@@ -270,3 +270,18 @@ def test_ctrl_c_under_torchrun_is_one_line_and_resumable(tiny_dir, rows_file, tm
     train.main(args(tiny_dir, rows_file, out, "--max_steps", "8", "--save_every", "2", "--batch_size", "2",
                     "--grad_accum", "2", "--resume"))
     assert json.load(open(out / "train_config.json"))["step"] == 8
+
+
+def test_a_refusal_under_torchrun_is_printed_once_without_our_traceback(tiny_dir, rows_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("a week of work")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           os.path.join(ROOT, "train.py"), *args(tiny_dir, rows_file, out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    log = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert log.count("error: --out_dir") == 1 and "is not empty (notes.txt)" in log, log[-3000:]
+    assert 'train.py", line' not in log, log[-3000:]
+    assert (out / "notes.txt").read_text() == "a week of work"
