@@ -4,7 +4,7 @@ then one position per step, eagerly or as one compiled step; both give the same 
 
 - eager (default on a CPU): each step is the model's forward on one token over the cache up to its position.
 - compiled (default on CUDA): a GPU step of a ~1B model is hundreds of small kernels, and eager decoding waits
-  on the CPU that launches them (a small share of the memory roofline, ../shared/measurements/2026-11-26-h100).
+  on the CPU that launches them (a small share of the memory roofline, measurements/2026-11-26-h100).
   The compiled step has one set of shapes at every position: the cache is preallocated, written at a position
   *tensor* and read whole, the positions not written yet masked. So torch.compile makes one graph for all
   positions, and on CUDA mode="reduce-overhead" records it as a CUDA graph, replayed per token in one launch

@@ -40,7 +40,7 @@ def random_batch(B=5, T=12, V=50, seed=0, empty_row=1):
 # the spec, one python loop at a time, in float64
 
 def ref_losses(logits, targets, gamma):
-    """(SFT, IFT) straight from IFT_SPEC.md: loops over sequences and positions."""
+    """(SFT, IFT) straight from docs/algorithm.md: loops over sequences and positions."""
     sft, ift_ = [], []
     for b in range(logits.shape[0]):
         pos = [t for t in range(logits.shape[1]) if targets[b, t] != IGNORE]
