@@ -15,7 +15,7 @@ and load_rows(path) / load_gsm8k(path) to read the files.
 import argparse
 import json
 import os
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads sleep, not spin (docs/performance.md)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle threads sleep, not spin (docs/performance.md)
 import re
 import time
 from dataclasses import asdict, dataclass, field

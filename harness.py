@@ -47,7 +47,7 @@ import argparse
 import glob
 import json
 import os
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads sleep, not spin (docs/performance.md)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle threads sleep, not spin (docs/performance.md)
 import re
 import sys
 from dataclasses import dataclass

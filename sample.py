@@ -12,7 +12,7 @@ compilation; --no-compile_decode decodes eagerly (the default on a CPU, where co
 import argparse
 import math
 import os
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads sleep, not spin (docs/performance.md)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle threads sleep, not spin (docs/performance.md)
 
 import torch
 

@@ -16,7 +16,7 @@ import argparse
 import hashlib
 import math
 import os
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads sleep, not spin (docs/performance.md)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle threads sleep, not spin (docs/performance.md)
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
