@@ -540,11 +540,13 @@ def main(argv=None):
     init_dir = resolve_checkpoint(ensure_default(cfg.init))
     if cfg.auto_resume:  # a worker torchrun restarts continues the checkpoint its group left; a first start is fresh
         cfg.resume = checkpoint.find_checkpoint(cfg.out_dir) is not None
-    if cfg.resume and rank == 0:
-        checkpoint.recover(cfg.out_dir)  # finish or undo a save that a crash cut short
-    if dist.is_initialized():
-        dist.barrier()
-    ckpt = checkpoint.check_out_dir(cfg.out_dir, cfg.resume, init_dir)
+    ckpt = checkpoint.check_out_dir(cfg.out_dir, cfg.resume, init_dir)  # refused: nothing touched
+    if cfg.resume:  # finish or undo a save that a crash cut short, then continue from what that leaves
+        if rank == 0:
+            checkpoint.recover(cfg.out_dir)
+        if dist.is_initialized():
+            dist.barrier()
+        ckpt = checkpoint.find_checkpoint(cfg.out_dir)
     tok, train, held = load_data(cfg, init_dir)
     per_step = cfg.batch_size * cfg.grad_accum * world
     total = cfg.max_steps or max(1, int(cfg.epochs * len(train) / per_step))
