@@ -230,27 +230,38 @@ def full_weight(w: torch.Tensor) -> torch.Tensor:
 def pair_forward(model: nn.Module, ref: nn.Module | None, idx: torch.Tensor, targets: torch.Tensor, method: str,
                  beta: float = 0.0, alpha: float = PAPER_TDPO_ALPHA, gamma_ratio: float = PAPER_SIMPO_GAMMA_RATIO,
                  chunk: int = CHUNK, answer: torch.Tensor | None = None, ref_weight: torch.Tensor | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 packing=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss of `method` on idx, targets (2B, T), the B chosen rows then the B rejected rows, with one
     policy forward (and, for DPO / TDPO, one forward of the frozen reference `ref` without gradient).
     beta 0 means the method's paper default. -> (loss, stats), stats = [sum of the kept pairs' margins,
     kept pairs the chosen answer wins (margin > 0), kept pairs] (3,) float32, for the log.
     answer = ift.answer_index(targets), built on the CPU, keeps the step free of waits for a GPU. ref_weight:
-    TDPO's reference output projection as one tensor, full_weight(ref.lm_head.weight) (computed here if None)."""
+    TDPO's reference output projection as one tensor, full_weight(ref.lm_head.weight) (computed here if None).
+    packing: idx, targets (1, L) are the 2B rows laid end to end (packing.py), chosen and rejected each its own
+    example; the per-token statistics go back to the padded (2B, T) batch before they are paired."""
     beta = beta or PAPER_BETA[method]
     answer = ift.answer_index(targets) if answer is None else answer
-    B = idx.size(0) // 2
     if method == "tdpo":  # one reference pass to its hidden states; the policy's head projects both
         with torch.no_grad():
-            ref_h = ref(idx, head=partial(answer_hidden, answer=answer))  # (N, dim)
+            ref_h = ref(idx, head=partial(answer_hidden, answer=answer), packing=packing)  # (N, dim)
             ref_weight = full_weight(ref.lm_head.weight) if ref_weight is None else ref_weight
         nll, kl, ref_nll = model(idx, head=partial(chunked_nll_kl, targets=targets, ref_h=ref_h,
-                                                   ref_weight=ref_weight, answer=answer, chunk=chunk))
+                                                   ref_weight=ref_weight, answer=answer, chunk=chunk),
+                               packing=packing)
     else:
-        nll = model(idx, head=partial(ift.chunked_nll, targets=targets, chunk=chunk, answer=answer))  # (2B, T)
+        nll = model(idx, head=partial(ift.chunked_nll, targets=targets, chunk=chunk, answer=answer),
+                    packing=packing)  # (2B, T)
         if method == "dpo":
             with torch.no_grad():  # the reference contributes per-sequence sums only
-                ref_nll = ref(idx, head=partial(ift.chunked_nll, targets=targets, chunk=chunk, answer=answer))
+                ref_nll = ref(idx, head=partial(ift.chunked_nll, targets=targets, chunk=chunk, answer=answer),
+                              packing=packing)
+    if packing is not None:  # back to the padded (2B, T) batch, where row b is example b
+        nll, targets = packing.unpack(nll), packing.targets
+        if method in REFERENCE_METHODS:
+            ref_nll = packing.unpack(ref_nll)
+        if method == "tdpo":
+            kl = packing.unpack(kl)
+    B = targets.size(0) // 2
     l, n = sequence_logps(nll, targets)  # (2B,) each
     keep = nonempty_pairs(n)
     if method in REFERENCE_METHODS:

@@ -46,34 +46,44 @@ SLICES = 16
 # and a propagation-weighted average after it
 
 def sft_forward(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor,
-                chunk: int = CHUNK, answer: torch.Tensor | None = None) -> torch.Tensor:
-    """SFT loss of model on idx (B, T) with targets (B, T); answer = answer_index(targets), optional (chunked_nll)."""
-    nll = model(idx, head=partial(chunked_nll, targets=targets, chunk=chunk, answer=answer))  # (B, T)
+                chunk: int = CHUNK, answer: torch.Tensor | None = None, packing=None) -> torch.Tensor:
+    """SFT loss of model on idx (B, T) with targets (B, T); answer = answer_index(targets), optional (chunked_nll).
+    packing: idx, targets (1, L) are examples laid end to end (packing.py); the loss is the unpacked batch's."""
+    nll = model(idx, head=partial(chunked_nll, targets=targets, chunk=chunk, answer=answer), packing=packing)
+    if packing is not None:  # back to the padded (B, T) batch: every reduction below is per example
+        nll, targets = packing.unpack(nll), packing.targets
     return sft_reduce(nll, targets != IGNORE)
 
 
 def ift_forward(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, lam: float, gamma: float,
                 chunk: int = CHUNK, guess=None, propagation: tuple[str, str, str] = ("loss", "left", "L1"),
-                answer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                answer: torch.Tensor | None = None, packing=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """IFT loss of model on idx (B, T) with targets (B, T) -> (loss, first-pass SFT loss (detached,
     for logging), number of sequences dropped for having no answer token (n_empty)). guess and propagation pick
     the released code's other modes (guess_picker, propagation_variant); the defaults are the paper's.
-    answer = answer_index(targets) built on the CPU keeps the step free of waits for a GPU (chunked_nll)."""
-    mask = targets != IGNORE
+    answer = answer_index(targets) built on the CPU keeps the step free of waits for a GPU (chunked_nll).
+    packing: idx, targets (1, L) are examples laid end to end (packing.py); steps 1-3 run on that row, steps 4
+    and 5 on the padded batch it came from, so the loss is the unpacked batch's."""
     # step 1, guess (Alg. 1 lines 2-6): no graph, only the argmax ids (B, T) are kept, never logits
-    guesses, first_nll = infer_one_step_ahead(model, idx, targets, chunk, guess=guess, answer=answer)
+    guesses, first_nll = infer_one_step_ahead(model, idx, targets, chunk, guess=guess, answer=answer,
+                                              packing=packing)
     # step 2, blend (Eq. 17, Alg. 1 lines 7-10): the guesses where the answer tokens were, then the two
     # embeddings mixed. The released code embeds both with a frozen copy of E refreshed after each optimizer
     # step (so E gets no gradient through e); we use the live table, the natural reading of Alg. 1: same loss
     # value, and gradient reaches both embedded rows. With lam = 0, (1 - 0) * E(x) + 0 * E(xh) is E(x)
     # exactly, the same input as sft_forward's.
     xh = guess_inputs(idx, targets, guesses)  # (B, T)
+    if packing is not None:  # an example's first token stays itself: the guess before it is the previous example's
+        xh = torch.where(packing.positions == 0, idx, xh)
 
     def blend(E):  # (B, T, dim); the model applies it to its own table inside forward (gathered under FSDP)
         return (1 - lam) * E(idx) + lam * E(xh)
 
     # step 3, second pass (Alg. 1 lines 11-13): with gradient, l (B, T) from the answer positions only
-    nll = model(embed=blend, head=partial(chunked_nll, targets=targets, chunk=chunk, answer=answer))
+    nll = model(embed=blend, head=partial(chunked_nll, targets=targets, chunk=chunk, answer=answer), packing=packing)
+    if packing is not None:  # back to the padded (B, T) batch: steps 4 and 5 run along each example
+        nll, first_nll, targets = packing.unpack(nll), packing.unpack(first_nll), packing.targets
+    mask = targets != IGNORE
     # step 4, propagate (Sec. 4.2, Alg. 1 lines 14-18), and step 5, average: both inside ift_reduce
     return ift_reduce(nll, mask, gamma, propagation), sft_reduce(first_nll, mask), n_empty(targets)
 
@@ -83,13 +93,14 @@ def ift_forward(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, lam:
 
 @torch.no_grad()
 def infer_one_step_ahead(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor,
-                         chunk: int = CHUNK, guess=None, answer: torch.Tensor | None = None,
+                         chunk: int = CHUNK, guess=None, answer: torch.Tensor | None = None, packing=None,
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """IFT step 1, inference one step ahead (Alg. 1 lines 2-6): z = f(E(x)) on the ground-truth
     prefix without gradient, g[t] = argmax z[t] (greedy, the released code's default; guess =
     guess_picker(...) takes its other modes). Keeps only g and the detached NLL (the SFT loss, for
     logging), never logits: chunked_guess projects only the answer positions, a chunk at a time."""
-    return model(idx, head=partial(chunked_guess, targets=targets, chunk=chunk, guess=guess, answer=answer))
+    return model(idx, head=partial(chunked_guess, targets=targets, chunk=chunk, guess=guess, answer=answer),
+                 packing=packing)
 
 
 # -------------------------------------------------------------------------------------------------

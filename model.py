@@ -18,6 +18,7 @@ blends two lookups) and a `head` function applied to the final hidden states ins
 projection (ift.py uses it to skip ignored positions and to chunk the vocabulary projection).
 Reading and writing Hugging Face checkpoints (config.json rules, safetensors) lives in hf_checkpoint.py.
 """
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 import decode
 import hf_checkpoint
 from errors import BadValue
+from packing import Packing
 from hf_checkpoint import resolve_checkpoint  # noqa: F401  (scripts import it from here)
 
 
@@ -120,6 +122,55 @@ def attend(q, k, v, mask, causal: bool, gqa: bool | None = None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
+try:  # flash attention over examples laid end to end (torch >= 2.10 has the window and GQA arguments)
+    from torch.nn.attention.varlen import varlen_attn
+    if not {"window_size", "enable_gqa"} <= set(inspect.signature(varlen_attn).parameters):
+        varlen_attn = None
+except ImportError:
+    varlen_attn = None
+
+
+@torch.compiler.disable  # the examples' lengths change every batch: compiled blocks break around this call
+def attend_packed(q, k, v, packing: Packing):
+    """Attention of examples laid end to end in one row (packing.py): q (1, nh, L, hd), k, v (1, nkv, L, hd).
+    Each example attends causally to its own tokens only (within packing.window), never across a boundary.
+    On CUDA in bf16/fp16: one varlen flash-attention call over the row. Elsewhere (the CPU, float32): the
+    examples one by one, each exactly as attend() runs an unpadded row."""
+    if varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        left = -1 if packing.window is None else packing.window - 1  # keys q-left .. q
+        y = varlen_attn(*(t[0].transpose(0, 1) for t in (q, k, v)), packing.cu, packing.cu, max(packing.lengths),
+                        max(packing.lengths), window_size=(left, 0), enable_gqa=True)  # (L, nh, hd)
+        return y.transpose(0, 1)[None]
+    n, N = packing.lengths[0], len(packing.lengths)
+    if packing.lengths == (n,) * N:  # all of one length: the examples as rows of one batch, one call
+        qs, ks, vs = (t[0].reshape(t.size(1), N, n, t.size(3)).transpose(0, 1) for t in (q, k, v))
+        mask = None if packing.window is None or n <= packing.window else causal_mask(
+            torch.arange(n, device=q.device), n, packing.window)
+        y = attend(qs, ks, vs, mask, causal=mask is None)  # (N, nh, n, hd)
+        return y.transpose(0, 1).reshape(1, q.size(1), N * n, q.size(3))
+    out, start = [], 0
+    for n in packing.lengths:
+        qs, ks, vs = (t[:, :, start:start + n] for t in (q, k, v))
+        mask = None
+        if packing.window is not None and n > packing.window:
+            mask = causal_mask(torch.arange(n, device=q.device), n, packing.window)
+        out.append(attend(qs, ks, vs, mask, causal=mask is None))
+        start += n
+    return torch.cat(out, dim=2)
+
+
+def causal_mask(q, n_keys, window, pad=None):
+    """Boolean (T, n_keys) mask for queries at positions q (T,) over keys 0 .. n_keys-1, True = may attend.
+    With left padding pad (B,): (B, 1, T, n_keys), each row's padding hidden from its real tokens. (Rows need
+    no position shift: RoPE attention scores depend only on the distance between query and key.)"""
+    k = torch.arange(n_keys, device=q.device)[None, :]
+    q = q[:, None]
+    m = (k <= q) if window is None else (k <= q) & (q - k < window)
+    if pad is not None:  # a padding query still sees itself: no all-masked (NaN) softmax row
+        m = (m & (k >= pad[:, None, None, None])) | (k == q)
+    return m
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -137,8 +188,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(pos, k, v)  # (B, nkv, pos+T, hd); the whole cache when pos is a tensor
-        # mask None: causal attention from position 0, or one query (decoding) that sees every cached key
-        y = attend(q, k, v, mask, causal=mask is None and T > 1)
+        if isinstance(mask, Packing):  # examples laid end to end: each attends to itself only
+            y = attend_packed(q, k, v, mask)
+        else:  # mask None: causal attention from position 0, or one query (decoding) that sees every cached key
+            y = attend(q, k, v, mask, causal=mask is None and T > 1)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -187,27 +240,20 @@ class Transformer(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def _mask(self, q, n_keys, window, pad=None):
-        """Boolean (T, n_keys) mask for queries at positions q (T,) over keys 0 .. n_keys-1, True = may attend.
-        With left padding pad (B,): (B, 1, T, n_keys), each row's padding hidden from its real tokens. (Rows need
-        no position shift: RoPE attention scores depend only on the distance between query and key.)"""
-        k = torch.arange(n_keys, device=q.device)[None, :]
-        q = q[:, None]
-        m = (k <= q) if window is None else (k <= q) & (q - k < window)
-        if pad is not None:  # a padding query still sees itself: no all-masked (NaN) softmax row
-            m = (m & (k >= pad[:, None, None, None])) | (k == q)
-        return m
-
-    def forward(self, idx=None, *, embed=None, head=None, cache=None, pos: int | torch.Tensor = 0, pad=None):
+    def forward(self, idx=None, *, embed=None, head=None, cache=None, pos: int | torch.Tensor = 0, pad=None,
+                packing: Packing | None = None):
         """idx (B, T) token ids -> logits (B, T, vocab). embed(embed_tokens) -> (B, T, dim) replaces the input
         lookup and head(h, lm_head) the output projection when given (IFT's blend and loss heads; both run
         inside forward, where FSDP has gathered the tables); cache/pos are for decoding (pos an int, or for the
         compiled step of decode.py a (T,) tensor of positions, the whole cache then read under a mask);
-        pad (B,) counts left-padding positions per row (batched prompts of different lengths)."""
+        pad (B,) counts left-padding positions per row (batched prompts of different lengths); packing: idx is
+        one row (1, L) of examples laid end to end (packing.py), positions and attention restart per example."""
         x = self.embed_tokens(idx) if embed is None else embed(self.embed_tokens)
         B, T, _ = x.shape
         static = torch.is_tensor(pos)
         positions = pos if static else torch.arange(pos, pos + T, device=x.device)
+        if packing is not None:
+            positions = packing.positions
         n_keys = cache[0].k.size(2) if static else pos + T
         freqs = positions[:, None].float() * self.inv_freq[None]
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
@@ -218,12 +264,15 @@ class Transformer(nn.Module):
         def mask(window):  # None (SDPA's fast path): causal from position 0, or one query within the window
             if not static and pad is None and (pos == 0 or T == 1) and (window is None or n_keys <= window):
                 return None
-            return self._mask(positions, n_keys, window, pad)
+            return causal_mask(positions, n_keys, window, pad)
 
         # Mistral windows every layer; Qwen2's layer_types can window some layers only
         win = self.config.sliding_window
-        masks = {False: mask(None)}
-        masks[True] = masks[False] if win is None else mask(win)
+        if packing is not None:
+            masks = {False: packing, True: packing.with_window(win)}
+        else:
+            masks = {False: mask(None)}
+            masks[True] = masks[False] if win is None else mask(win)
         windowed = self.config.window_layers or [True] * len(self.layers)
         for i, layer in enumerate(self.layers):
             m = masks[windowed[i]]

@@ -31,6 +31,7 @@ import checkpoint
 import ift
 from convert_gguf import DEFAULT_OUT, ensure_default
 from data import batch_indices, collate, tokenize_pairs, tokenize_sources
+from packing import collate_packed
 from errors import ArgumentParser, HelpFormatter, Interrupted, UserError, field_comments, run, signals_deferred
 from hf_checkpoint import local, read_config
 from model import ModelConfig, Transformer, pick_device, resolve_checkpoint
@@ -85,6 +86,7 @@ class TrainConfig:  # each field's comment is its --help text
     fsdp: bool = False              # shard weights, gradients and optimizer state (FSDP2) instead of DDP
     compile: bool = False           # torch.compile each transformer block
     grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    pack: bool = False              # lay each micro-batch's examples end to end, no padding (packing.py); same loss
     peak_tflops: float = 0.0        # one device's dense peak, for the MFU log; 0 = the GPU's row in PEAK_BF16_FLOPS
     # logging and checkpoints
     eval_every: int = 20            # steps; 0 = only at the end
@@ -265,14 +267,25 @@ def eval_loss(model, examples, cfg, device, autocast, rank, world) -> float:
     total = torch.zeros(2, device=device, dtype=torch.float64)
     mine = list(range(rank, len(examples), world))
     for i in range(0, len(mine), cfg.batch_size):
-        x, y = collate([examples[j] for j in mine[i:i + cfg.batch_size]])
+        batch = [examples[j] for j in mine[i:i + cfg.batch_size]]
+        x, y, answer, packing = make_batch(batch, cfg.pack, device)
         with autocast:
-            loss = ift.sft_forward(model, x.to(device), y.to(device))
-        total += torch.tensor([loss.item() * len(x), len(x)], device=device, dtype=torch.float64)
+            loss = ift.sft_forward(model, x, y, answer=answer, packing=packing)
+        total += torch.tensor([loss.item() * len(batch), len(batch)], device=device, dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(total)
     model.train()
     return (total[0] / total[1]).item()
+
+
+def make_batch(examples, pack: bool, device):
+    """x, y on device, padded (B, T), or with pack laid end to end (1, L) with their Packing (else None); and the
+    answer index, built here on the CPU so the loss never waits for the GPU (ift.chunked_nll)."""
+    x, y, packing = collate_packed(examples) if pack else (*collate(examples), None)
+    answer = ift.answer_index(y)
+    if packing is not None:
+        packing = packing.to(device, to_device)
+    return (*(to_device(t, device) for t in (x, y, answer)), packing)
 
 
 def prompt_of(example) -> list[int]:
@@ -408,18 +421,17 @@ def build_model(cfg: TrainConfig, init_dir: str, ckpt: str | None, device, world
 
 def train_step(cfg, model, raw, ref, ref_head, optimizer, train, step, lam, rank, world, device, autocast):
     """One optimizer step over grad_accum micro-batches. Returns the step's statistics, summed over the processes:
-    loss and first-pass SFT loss (each a mean over micro-steps), positions, pairs' margin sum, wins and count,
-    gradient norm (each process adds the same norm)."""
+    loss and first-pass SFT loss (each a mean over micro-steps), positions computed, pairs' margin sum, wins and
+    count, gradient norm (each process adds the same norm), tokens (padding excluded), positions of the padded
+    batches; and the mean length one token attends over (for the MFU)."""
     pairs = cfg.method in baselines.PAIR_METHODS
-    stats = torch.zeros(7, device=device)
+    stats = torch.zeros(9, device=device)
     for micro in range(cfg.grad_accum):
         idx = batch_indices(step, micro, rank, world, cfg.batch_size, cfg.grad_accum, len(train), cfg.seed)
         batch = [train[i] for i in idx]
         if pairs:  # B pairs are 2B rows: the chosen ones, then the rejected ones (one forward, one backward)
             batch = [chosen for chosen, _ in batch] + [rejected for _, rejected in batch]
-        x, y = collate(batch)
-        answer = ift.answer_index(y)  # here on the CPU, so the loss never waits for the GPU (ift.chunked_nll)
-        x, y, answer = (to_device(t, device) for t in (x, y, answer))
+        x, y, answer, packing = make_batch(batch, cfg.pack, device)
         last = micro == cfg.grad_accum - 1  # all-reduce gradients only on the last micro-step
         if cfg.fsdp:
             raw.set_requires_gradient_sync(last)
@@ -431,18 +443,22 @@ def train_step(cfg, model, raw, ref, ref_head, optimizer, train, step, lam, rank
                 guess = ift.guess_picker(cfg.guess, cfg.guess_k, cfg.guess_temperature,
                                          key=(cfg.seed, step, micro * world + rank), device=device)
                 loss, first, _ = ift.ift_forward(model, x, y, lam, cfg.gamma, guess=guess, propagation=(
-                    cfg.propagation, cfg.propagation_side, cfg.propagation_norm), answer=answer)
+                    cfg.propagation, cfg.propagation_side, cfg.propagation_norm), answer=answer, packing=packing)
             elif pairs:
                 loss, pair_stats = baselines.pair_forward(model, ref, x, y, cfg.method, cfg.beta, cfg.alpha,
-                                                          cfg.simpo_gamma_ratio, answer=answer, ref_weight=ref_head)
+                                                          cfg.simpo_gamma_ratio, answer=answer, ref_weight=ref_head,
+                                                          packing=packing)
                 first = loss
                 stats[3:6] += pair_stats
             else:
-                loss = first = ift.sft_forward(model, x, y, answer=answer)
+                loss = first = ift.sft_forward(model, x, y, answer=answer, packing=packing)
         (loss / cfg.grad_accum).backward()
         stats[0] += loss.detach().float() / cfg.grad_accum
         stats[1] += first.detach().float() / cfg.grad_accum
-        stats[2] += x.numel()  # positions computed, padding included
+        lengths = [len(ids) - 1 for ids, _ in batch]  # input positions of each example
+        stats[2] += x.numel()  # positions computed: padding included, unless packed
+        stats[7] += sum(lengths)
+        stats[8] += len(lengths) * max(lengths)  # the padded batch's positions
     # the norm of the whole gradient (max_norm inf: measured, not clipped), for the non-finite check
     norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     stats[6] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
@@ -450,7 +466,8 @@ def train_step(cfg, model, raw, ref, ref_head, optimizer, train, step, lam, rank
     optimizer.zero_grad(set_to_none=True)
     if dist.is_initialized():
         dist.all_reduce(stats)
-    return stats, x.shape[1]
+    attends = sum(n * n for n in lengths) / sum(lengths) if cfg.pack else x.shape[1]
+    return stats, attends
 
 
 def save(cfg, model, raw, optimizer, step, rank, world, record, final=False):
@@ -496,22 +513,25 @@ def train_loop(cfg, raw, model, ref, optimizer, autocast, train, held, step, tot
                 group["lr"] = lr
             lam = ift.lam_at(step, cfg.lam, schedule=cfg.lam_schedule, lam_min=cfg.lam_min,
                              warmup=math.ceil(cfg.warmup_ratio * total), sigma=cfg.lam_noise, seed=cfg.seed)
-            stats, seq_len = train_step(cfg, model, raw, ref, ref_head, optimizer, train, step, lam, rank, world,
+            stats, attends = train_step(cfg, model, raw, ref, ref_head, optimizer, train, step, lam, rank, world,
                                         device, autocast)
             step += 1
-            loss, first, positions, margin, wins, n_pairs, norm = stats.tolist()  # the step's one host sync
+            loss, first, positions, margin, wins, n_pairs, norm, tokens, padded = stats.tolist()  # the one host sync
             loss, first, norm = loss / world, first / world, norm / world
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 raise UserError(f"step {step}: loss {loss:.4g}, gradient norm {norm:.4g}: not finite, the run stops "
                                 f"(lower --lr, or check --init and the data). {last_checkpoint(cfg.out_dir)}; "
                                 "nothing published")
-            tps = positions / (time.time() - t0)
+            seconds = time.time() - t0
+            # tok/s counts tokens, never padding; pad is the padded batch's share of padding: computed without
+            # --pack, skipped with it
             log = {"loss": loss, **({"lam": lam, "sft": first} if cfg.method == "ift" else {}),  # sft: first pass
-                   "lr": lr, "gnorm": norm, "tok/s": tps}
+                   "lr": lr, "gnorm": norm, "tok/s": tokens / seconds,
+                   ("pad_skipped" if cfg.pack else "pad"): 1 - tokens / padded}
             if cfg.method in baselines.PAIR_METHODS:  # chosen reward minus rejected (baselines.py), how often > 0
                 log["margin"], log["acc"] = margin / max(n_pairs, 1), wins / max(n_pairs, 1)
             if peak:
-                log["mfu"] = tps * flops_per_token(raw, seq_len, cfg.method) / (peak * world)
+                log["mfu"] = positions / seconds * flops_per_token(raw, attends, cfg.method) / (peak * world)
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
                 log["eval"] = eval_loss(raw, held, cfg, device, autocast, rank, world)
                 print0(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in log.items()))

@@ -25,7 +25,7 @@ class Heads(nn.Module):
         self.lm_head = nn.Linear(DIM, V, bias=False, dtype=h.dtype)
         self.lm_head.weight = nn.Parameter(weight)
 
-    def forward(self, idx, *, head):
+    def forward(self, idx, *, head, packing=None):
         return head(self.h, self.lm_head)
 
 
