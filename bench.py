@@ -8,6 +8,7 @@ same model, same batch, same dtype; warm-up steps are discarded and the median o
     python bench.py --device cuda --init llama-3.2-1b --batch_size 4 --seq_len 1024 --compile  # random weights
     python bench.py --device cuda --init llama-3.2-1b --batch_size 1 --seq_len 512    # decoding roofline
     python bench.py --init tiny --profile 15 --compile_decode     # top kernels per step; SDPA kernel per call
+    python bench.py --init tiny --pack --batch_size 8 --seq_len 2048   # train.py --pack against padded batches
 
 The batch is realistic for fine-tuning: the first third of each sequence is prompt (targets -100, skipped
 before the output projection), the rest is answer. A training step is forward + backward + optimizer step
@@ -20,6 +21,7 @@ allocated before the step (weights, optimizer state), so the part the method its
 """
 import argparse
 import copy
+import math
 import os
 import statistics
 import tempfile
@@ -36,6 +38,7 @@ from torch.utils._pytree import tree_leaves
 import baselines
 import decode
 import ift
+import train
 from errors import UserError, run
 from model import ModelConfig, Transformer, pick_device
 from train import flops_per_token, gpu_row, peak_flops
@@ -345,11 +348,12 @@ def pair_batch(B: int, T: int, vocab: int, device, seed: int = 0):
 
 
 def method_memory(model: Transformer, methods: list, B: int, T: int, device, autocast, lam: float = 0.2,
-                  gamma: float = 0.95) -> dict:
+                  gamma: float = 0.95, warmup: int = 0, timed: int = 0) -> dict:
     """Peak memory of one training step (forward, backward, RMSprop update) of each method on one model and
     optimizer, above its weights and optimizer state: SFT and IFT on B rows, the preference baselines on B pairs
     (2B rows: chosen then rejected; "sft 2B rows" is SFT on those same rows). DPO and TDPO also hold a frozen
     reference, a copy of the weights made before any step (bf16 on CUDA, as train.py), reported beside it.
+    With timed > 0 each line also gives the median step time of that many steps (after warmup more).
     Prints one line per method and returns {method: (peak bytes, reference bytes)}."""
     cfg = model.config
     x, y = make_batch(B, T, cfg.vocab_size, device)
@@ -378,6 +382,7 @@ def method_memory(model: Transformer, methods: list, B: int, T: int, device, aut
     for step in steps.values():  # warm-up: optimizer state and lazily created library state are not the step's
         step()
     peaks = {m: peak_memory(steps[m], device) for m in names}
+    secs = median_times(steps, warmup, timed, device) if timed else {}
     print(f"method memory: one training step, {B} rows (sft, ift) or {B} pairs = {2 * B} rows (the rest) of {T} "
           f"tokens; peak above the weights and optimizer state; reference weights held besides by dpo/tdpo")
     out = {}
@@ -387,7 +392,68 @@ def method_memory(model: Transformer, methods: list, B: int, T: int, device, aut
         rows = 2 * B if m in baselines.PAIR_METHODS or m == "sft 2B rows" else B
         print(f"method memory {m}: {rows} rows, step peak {peaks[m] / MB:.1f} MB ({peaks[m] / peaks['sft']:.2f}x "
               f"sft), reference weights {held / MB:.1f} MB, together {(peaks[m] + held) / MB:.1f} MB "
-              f"({(peaks[m] + held) / peaks['sft']:.2f}x sft)")
+              f"({(peaks[m] + held) / peaks['sft']:.2f}x sft)"
+              + (f", step {secs[m] * 1e3:.1f} ms ({secs[m] / secs['sft']:.2f}x sft)" if secs else ""))
+    return out
+
+
+# Packing's length profile: conversation lengths in tokens, log-normal with median PACK_MEDIAN and log-space
+# deviation PACK_SIGMA, clipped to [PACK_MIN, --seq_len + 1]. The median is the figure the packing issue gives for
+# UltraChat (about 1,000 tokens, a long tail); sigma 0.8 puts the 90th percentile at 2.8x the median. Both are our
+# choice, not a fit: no chat data set is reachable here. --pack_median and --pack_sigma change them.
+PACK_MEDIAN, PACK_SIGMA, PACK_MIN = 1000, 0.8, 16
+
+
+def pack_examples(n: int, max_tokens: int, vocab: int, median: float, sigma: float, seed: int = 0) -> list:
+    """n examples as data.py makes them, (ids, mask) with lengths from the profile above (sigma 0: all of
+    max_tokens tokens), the first third of each prompt, the rest answer."""
+    g = torch.Generator().manual_seed(seed)
+    if sigma > 0:
+        lengths = (torch.randn(n, generator=g, dtype=torch.float64) * sigma + math.log(median)).exp()
+        lengths = lengths.round().clamp(PACK_MIN, max_tokens).long().tolist()
+    else:
+        lengths = [max_tokens] * n
+    out = []
+    for n_tok in lengths:
+        ids = torch.randint(vocab, (n_tok,), generator=g).numpy()
+        mask = (torch.arange(n_tok) >= max(1, n_tok // 3)).numpy()
+        out.append((ids, mask))
+    return out
+
+
+def pack_bench(args, model, device, autocast) -> dict:
+    """Useful (non-padding) tokens per second of SFT and IFT steps on the same examples, padded (train.py) and
+    packed (train.py --pack), on the length profile and with every example of the same length. Prints one line
+    per step and the packed/padded ratios; returns {profile: {name: seconds}}."""
+    vocab = model.config.vocab_size
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-8)
+    out = {}
+    for profile, sigma in (("profile", args.pack_sigma), ("equal lengths", 0.0)):
+        examples = pack_examples(args.batch_size, args.seq_len + 1, vocab, args.pack_median, sigma)
+        useful = sum(len(ids) - 1 for ids, _ in examples)
+        batches = {how: train.make_batch(examples, how == "packed", device) for how in ("padded", "packed")}
+
+        def loss_fn(method, how):
+            x, y, answer, packing = batches[how]
+            with autocast:
+                if method == "sft":
+                    return ift.sft_forward(model, x, y, answer=answer, packing=packing)
+                return ift.ift_forward(model, x, y, args.lam, args.gamma, answer=answer, packing=packing)[0]
+
+        steps = {f"{m} {how}": train_step(partial(loss_fn, m, how), optimizer)
+                 for m in ("sft", "ift") for how in batches}
+        secs = median_times(steps, args.warmup, args.steps, device)
+        lengths = sorted(len(ids) - 1 for ids, _ in examples)
+        padded = batches["padded"][0].numel()
+        print(f"pack, {profile}: {len(examples)} examples, lengths min {lengths[0]} median "
+              f"{lengths[len(lengths) // 2]} max {lengths[-1]}, {useful} tokens; padded batch {padded} positions "
+              f"({1 - useful / padded:.0%} padding)")
+        for k, s in secs.items():
+            print(f"pack, {profile}, {k}: step {s * 1e3:.1f} ms, {useful / s:.0f} useful tokens/s")
+        for m in ("sft", "ift"):
+            ratio = secs[f"{m} padded"] / secs[f"{m} packed"]
+            print(f"pack, {profile}, {m}: packed/padded useful tokens/s {ratio:.2f}x")
+        out[profile] = secs
     return out
 
 
@@ -444,6 +510,13 @@ def arg_parser() -> argparse.ArgumentParser:
                     help="the device's dense peak for MFU; 0 = look the GPU up in train.PEAK_BF16_FLOPS")
     ap.add_argument("--bandwidth", type=float, default=0,
                     help="the device's memory bandwidth in GB/s for the decoding roofline; 0 = look the GPU up")
+    ap.add_argument("--pack", action="store_true",
+                    help="only the packing comparison (pack_bench): SFT and IFT steps on --batch_size examples of "
+                         "at most --seq_len + 1 tokens from the length profile, padded and packed")
+    ap.add_argument("--pack_median", type=float, default=PACK_MEDIAN,
+                    help="median example length of --pack's log-normal profile, tokens")
+    ap.add_argument("--pack_sigma", type=float, default=PACK_SIGMA,
+                    help="log-space standard deviation of --pack's profile, >= 0")
     ap.add_argument("--methods", nargs="+", default=[], choices=["sft", "ift", *baselines.PAIR_METHODS],
                     help="only the peak memory of one training step of each of these methods (method_memory); "
                          "default: none, the full benchmark")
@@ -455,6 +528,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.seq_len < 3 or args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
         ap.error("--seq_len >= 3, --batch_size >= 1, --steps >= 1, --warmup >= 0")
+    if not args.pack_median >= 1 or not args.pack_sigma >= 0:
+        ap.error("--pack_median >= 1, --pack_sigma >= 0")
     if args.new_tokens < 2 or args.profile < 0:
         ap.error("--new_tokens >= 2 (decoding is timed at 1 and at N tokens), --profile >= 0")
     try:
@@ -478,7 +553,9 @@ def main(argv=None):
     model, idx, targets = model_and_batch(args, device, bf16)
     if args.methods:  # the per-method step memory alone: SFT, IFT and the preference baselines
         return method_memory(model, args.methods, args.batch_size, args.seq_len, device, autocast, args.lam,
-                             args.gamma)
+                             args.gamma, args.warmup, args.steps)
+    if args.pack:
+        return pack_bench(args, model, device, autocast)
     steps, guess_pass, hf = training_steps(args, model, idx, targets, device, autocast)
     secs, guess, peaks = training_table(args, model, steps, guess_pass, device)
     if args.profile:

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# What a GPU session runs, in one call from the repository root (no internet needed; at most 9 minutes:
-# the step timeouts add up to 540 s):
+# What a GPU session runs, from the repository root (no internet needed). Two parts, each fits one device call:
 #
-#     OUT=/some/empty/dir bash gpu_check.sh
+#     OUT=/some/empty/dir GPU_CHECK_PARTS=core bash gpu_check.sh    # at most 9 minutes (timeouts add up to 540 s)
+#     OUT=/some/empty/dir GPU_CHECK_PARTS=extra bash gpu_check.sh   # at most 14 minutes; about 5 on an H200
 #
-# Logs go to $OUT (default out-gpu-check/), six files: summary.log (this script's own output), greedy_check.log,
-# bench_decode1.log, bench_eager.log, bench_compile.log, loss_sweep.log. Each step runs under `timeout` and its
-# wall time is printed; a failing step does not stop the others (no set -e).
+# (both by default). core: greedy_check.log, bench_decode1.log, bench_eager.log, bench_compile.log,
+# loss_sweep.log. extra, the paths added since the first GPU run: methods.log (per-method step memory and time),
+# bench_compile_ckpt.log, pack.log, pack_exact.log, then train.py end to end on random weights in SmolLM2-135M's
+# shape (fsdp_ift_untied.log, fsdp_ift_tied.log, train_pack.log, train_compile_ckpt.log; the tokenizer and
+# config.json are read from $GPU_CHECK_TOK, default .gpu/tok). summary.log holds this script's own output.
+# Each step runs under `timeout` and its wall time is printed; a failing step does not stop the others.
 #
 #     GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1 bash gpu_check.sh     # every line on the CPU at tiny sizes
 #
@@ -19,16 +22,16 @@ if ! command -v python > /dev/null; then  # images that have only python3 on the
     export PATH="/tmp/gpu_check_bin:$PATH"
 fi
 
-main() {
-
 if [ -n "$GPU_CHECK_SMALL" ]; then  # tiny sizes: seconds per line on a CPU
     INIT=tiny; B4="--batch_size 2 --seq_len 24"; B1="--batch_size 1 --seq_len 24"
     STEPS="--warmup 1 --steps 1"; NEW=4; PROFILE=3; LOSS="--loss_vocab 2048"
     SWEEP="--loss_sizes 1x16,2x32 --loss_dim 64"
+    PACK="--batch_size 4 --seq_len 64 --pack_median 20"
     SLOW=300  # CPU: inductor's first compilation takes a minute or more
 else
     INIT=llama-3.2-1b; B4="--batch_size 4 --seq_len 1024"; B1="--batch_size 1 --seq_len 512"
     STEPS="--warmup 2 --steps 3"; NEW=128; PROFILE=20; LOSS=""; SWEEP=""
+    PACK="--batch_size 8 --seq_len 2048"
     SLOW=0
 fi
 
@@ -48,6 +51,7 @@ step() {
     echo
 }
 
+environment() {
 echo "=== environment"
 date -u
 git rev-parse --short HEAD 2>/dev/null && git status --short | head -20
@@ -58,8 +62,10 @@ python -c "import transformers; print('transformers', transformers.__version__)"
 nproc --all
 echo
 
+}
 export PYTHONUNBUFFERED=1  # a step killed by its timeout keeps what it printed
 
+core() {
 # compiled decoding gives the eager tokens on this device (tiny models in float32 and bf16, batch 4 left-padded,
 # eos, sampling; the llama-3.2-1b shape in bf16 is compared by bench.py below); one graph for every position;
 # no CUDA graph skipped; and the SDPA kernel training reaches
@@ -182,7 +188,100 @@ if python bench.py --help | grep -q -- "--loss_sweep"; then
 else
     echo "=== loss_sweep: skipped, bench.py has no --loss_sweep"
 fi
-echo "=== done: $(date -u)"
 }
 
-main "$@" 2>&1 | tee "$OUT/summary.log"
+# The paths added since the first GPU run (each also runs on the CPU at tiny sizes with GPU_CHECK_SMALL=1).
+extra() {
+
+# one training step of each method: peak memory and time; dpo and tdpo hold the frozen reference beside it
+step methods 90 python bench.py --device "$DEV" --init "$INIT" $B4 $STEPS --methods ift dpo tdpo orpo simpo
+
+# compiled blocks with activation checkpointing (bench_compile above: without)
+step bench_compile_ckpt 100 python bench.py --device "$DEV" --init "$INIT" $B4 $STEPS --compile \
+    --grad_checkpointing --no-compile_decode $LOSS
+
+# --pack against padded batches: useful tokens/s on bench.py's length profile and on equal lengths
+step pack 90 python bench.py --device "$DEV" --init "$INIT" $PACK $STEPS --pack
+
+# packed == unpadded on this device: float32 (the per-example path) and bf16 autocast (varlen flash attention
+# where this torch has it), IFT loss and gradients, against the bf16 run's own distance from float32
+TAIL=20 step pack_exact 60 env DEV="$DEV" python - <<'PY'
+import os
+import numpy as np
+import torch
+import ift
+import model as model_py
+from data import collate
+from model import ModelConfig, Transformer
+from packing import collate_packed
+
+dev = torch.device(os.environ["DEV"])
+print("varlen_attn:", "yes" if model_py.varlen_attn is not None else "no (per-example path)")
+rng = np.random.default_rng(0)
+ex = []
+for n in (70, 33, 129, 91, 12, 100, 64, 5):
+    mask = np.zeros(n, bool)
+    mask[n // 3:] = True
+    ex.append((rng.integers(0, 1000, n).astype(np.int32), mask))
+for window in (None, 48):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=1000, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, intermediate_size=512,
+                      sliding_window=window)
+    with torch.device(dev):
+        m = Transformer(cfg)
+    x, y = (t.to(dev) for t in collate(ex))
+    px, py, packing = collate_packed(ex)
+    px, py, packing = px.to(dev), py.to(dev), packing.to(dev)
+    runs = {}
+    for name, bf16, args in [("fp32 padded", False, (x, y, None)), ("fp32 packed", False, (px, py, packing)),
+                             ("bf16 padded", True, (x, y, None)), ("bf16 packed", True, (px, py, packing))]:
+        m.zero_grad()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = ift.ift_forward(m, args[0], args[1], 0.2, 0.95, packing=args[2])[0]
+        loss.backward()
+        runs[name] = (loss.detach().float(), torch.cat([p.grad.flatten() for p in m.parameters()]))
+
+    def rel(a, b):
+        return max(((runs[a][0] - runs[b][0]).abs() / runs[a][0].abs()).item(),
+                   ((runs[a][1] - runs[b][1]).norm() / runs[a][1].norm()).item())
+    print(f"window {window}: packed vs padded, fp32 {rel('fp32 padded', 'fp32 packed'):.2e}, bf16 "
+          f"{rel('bf16 padded', 'bf16 packed'):.2e}; bf16 padded vs fp32 padded {rel('fp32 padded', 'bf16 padded'):.2e}"
+          " (relative: loss, and gradient norm of the difference)")
+PY
+
+# train.py end to end on random weights in SmolLM2-135M's shape (carried tokenizer and config): FSDP2 with sharded
+# reads (one process), the tied model under FSDP, --pack, --compile with activation checkpointing
+CK=$OUT/ck
+TAIL=4 step make_checkpoints 60 env CK="$CK" TOK="${GPU_CHECK_TOK:-.gpu/tok}" SMALL="$GPU_CHECK_SMALL" python - <<'PY'
+import dataclasses, json, os
+import torch
+from model import ModelConfig, Transformer
+hf = json.load(open(os.path.join(os.environ["TOK"], "config.json")))
+cfg = ModelConfig.from_hf(hf)
+if os.environ.get("SMALL"):
+    cfg = dataclasses.replace(cfg, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=128)
+for name, tied in (("tied", True), ("untied", False)):
+    torch.manual_seed(0)
+    m = Transformer(dataclasses.replace(cfg, tie_word_embeddings=tied))
+    m.save_pretrained(os.path.join(os.environ["CK"], name), max_shard_bytes=200 * 2**20, tokenizer_dir=os.environ["TOK"])
+    print(name, sum(p.numel() for p in m.parameters()) / 1e6, "M parameters")
+PY
+TRAIN="--data data/chain_train.jsonl --max_steps 10 --batch_size 16 --optimizer adamw --lr 3e-4 --eval_every 10 \
+    --sample_every 0 --seed 0"
+for init in untied tied; do
+    TAIL=4 step "fsdp_ift_$init" 90 torchrun --nproc_per_node=1 train.py --init "$CK/$init" --fsdp --method ift \
+        --out_dir "$CK/out_fsdp_$init" $TRAIN
+done
+TAIL=4 step train_pack 60 python train.py --init "$CK/untied" --method ift --pack --out_dir "$CK/out_pack" $TRAIN
+TAIL=4 step train_compile_ckpt 120 python train.py --init "$CK/untied" --method ift --compile --grad_checkpointing \
+    --out_dir "$CK/out_compile" $TRAIN
+rm -rf "$CK"
+}
+
+case "${GPU_CHECK_PARTS:-core extra}" in
+    *core*extra*) run_parts() { environment; core; extra; } ;;
+    *extra*) run_parts() { environment; extra; } ;;
+    *) run_parts() { environment; core; } ;;
+esac
+
+{ run_parts; echo "=== done: $(date -u)"; } 2>&1 | tee "$OUT/summary.log"
