@@ -20,11 +20,13 @@ Reading and writing Hugging Face checkpoints (config.json rules, safetensors) li
 """
 import inspect
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 import decode
@@ -122,41 +124,50 @@ def attend(q, k, v, mask, causal: bool, gqa: bool | None = None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
-try:  # flash attention over examples laid end to end (torch >= 2.10 has the window and GQA arguments)
+try:  # flash attention over examples laid end to end (torch >= 2.12 has the window and GQA arguments)
     from torch.nn.attention.varlen import varlen_attn
     if not {"window_size", "enable_gqa"} <= set(inspect.signature(varlen_attn).parameters):
         varlen_attn = None
 except ImportError:
     varlen_attn = None
+# Per-example attention on CUDA leaves out cuDNN's kernel: cuDNN builds an execution plan for every new sequence
+# length (hundreds of ms each), and packed examples bring new lengths at every step. Seen on an H200 with torch
+# 2.11: train.py --pack ran at 3.5 s a step, padded batches of the same examples at 0.4 s.
+PER_EXAMPLE_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def varlen_ok(q) -> bool:
+    return varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
 @torch.compiler.disable  # the examples' lengths change every batch: compiled blocks break around this call
 def attend_packed(q, k, v, packing: Packing):
     """Attention of examples laid end to end in one row (packing.py): q (1, nh, L, hd), k, v (1, nkv, L, hd).
     Each example attends causally to its own tokens only (within packing.window), never across a boundary.
-    On CUDA in bf16/fp16: one varlen flash-attention call over the row. Elsewhere (the CPU, float32): the
-    examples one by one, each exactly as attend() runs an unpadded row."""
-    if varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    On CUDA in bf16/fp16 with torch >= 2.12: one varlen flash-attention call over the row. Elsewhere: examples
+    of one length as the rows of one batch, else one by one, each exactly as attend() runs an unpadded row."""
+    if varlen_ok(q):
         left = -1 if packing.window is None else packing.window - 1  # keys q-left .. q
         y = varlen_attn(*(t[0].transpose(0, 1) for t in (q, k, v)), packing.cu, packing.cu, max(packing.lengths),
                         max(packing.lengths), window_size=(left, 0), enable_gqa=True)  # (L, nh, hd)
         return y.transpose(0, 1)[None]
-    n, N = packing.lengths[0], len(packing.lengths)
-    if packing.lengths == (n,) * N:  # all of one length: the examples as rows of one batch, one call
-        qs, ks, vs = (t[0].reshape(t.size(1), N, n, t.size(3)).transpose(0, 1) for t in (q, k, v))
-        mask = None if packing.window is None or n <= packing.window else causal_mask(
-            torch.arange(n, device=q.device), n, packing.window)
-        y = attend(qs, ks, vs, mask, causal=mask is None)  # (N, nh, n, hd)
-        return y.transpose(0, 1).reshape(1, q.size(1), N * n, q.size(3))
-    out, start = [], 0
-    for n in packing.lengths:
-        qs, ks, vs = (t[:, :, start:start + n] for t in (q, k, v))
-        mask = None
-        if packing.window is not None and n > packing.window:
-            mask = causal_mask(torch.arange(n, device=q.device), n, packing.window)
-        out.append(attend(qs, ks, vs, mask, causal=mask is None))
-        start += n
-    return torch.cat(out, dim=2)
+    with sdpa_kernel(PER_EXAMPLE_KERNELS) if q.is_cuda else nullcontext():
+        n, N = packing.lengths[0], len(packing.lengths)
+        if packing.lengths == (n,) * N:  # all of one length: the examples as rows of one batch, one call
+            qs, ks, vs = (t[0].reshape(t.size(1), N, n, t.size(3)).transpose(0, 1) for t in (q, k, v))
+            mask = None if packing.window is None or n <= packing.window else causal_mask(
+                torch.arange(n, device=q.device), n, packing.window)
+            y = attend(qs, ks, vs, mask, causal=mask is None)  # (N, nh, n, hd)
+            return y.transpose(0, 1).reshape(1, q.size(1), N * n, q.size(3))
+        out, start = [], 0
+        for n in packing.lengths:
+            qs, ks, vs = (t[:, :, start:start + n] for t in (q, k, v))
+            mask = None
+            if packing.window is not None and n > packing.window:
+                mask = causal_mask(torch.arange(n, device=q.device), n, packing.window)
+            out.append(attend(qs, ks, vs, mask, causal=mask is None))
+            start += n
+        return torch.cat(out, dim=2)
 
 
 def causal_mask(q, n_keys, window, pad=None):

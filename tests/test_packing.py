@@ -99,6 +99,34 @@ def test_examples_of_one_length_take_the_batched_path_and_still_equal(window, mo
     assert calls == [(4, 4, 8, 8)] * 2  # one call per layer, the 4 examples as rows: (N, heads, n, head_dim)
 
 
+def documented_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1),
+                           enable_gqa=False):
+    """torch.nn.attention.varlen.varlen_attn as its documentation (torch 2.12) describes it, on any device:
+    query (Tq, Hq, D), key and value (Tk, Hkv, D), sequences at the cumulative offsets cu_seq_*, each query i
+    seeing the keys i - left .. i + right of its own sequence (-1: no bound), Hq a multiple of Hkv with gqa."""
+    left, right = window_size
+    assert key.size(1) == query.size(1) or enable_gqa
+    out = []
+    for i in range(len(cu_seq_q) - 1):
+        q, k, v = (t[int(c[i]):int(c[i + 1])].transpose(0, 1) for t, c in
+                   ((query, cu_seq_q), (key, cu_seq_k), (value, cu_seq_k)))
+        k, v = (t.repeat_interleave(q.size(0) // t.size(0), 0) for t in (k, v))
+        d = torch.arange(q.size(1))[:, None] - torch.arange(k.size(1))[None]  # query minus key position
+        allowed = ((d <= left) | (left < 0)) & ((-d <= right) | (right < 0))
+        scores = (q @ k.transpose(1, 2) / q.size(-1) ** 0.5).masked_fill(~allowed, float("-inf"))
+        out.append((scores.softmax(-1) @ v).transpose(0, 1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("window", [5, None])
+def test_the_varlen_call_gives_the_unpacked_loss(window, monkeypatch):
+    """The varlen flash path (CUDA, bf16, torch >= 2.12) cannot run here: its arguments (layout, offsets, the
+    window as (left, 0), GQA) are checked against a reference written from varlen_attn's documentation."""
+    monkeypatch.setattr(model_py, "varlen_attn", documented_varlen_attn)
+    monkeypatch.setattr(model_py, "varlen_ok", lambda q: True)
+    assert worst_difference(tiny(window=window), LOSSES["ift"], examples()) <= 1e-5
+
+
 def test_packed_logits_equal_each_example_alone_with_bias_and_no_window():
     model = tiny(window=None, bias=True)
     ex = examples()
