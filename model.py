@@ -130,9 +130,10 @@ try:  # flash attention over examples laid end to end (torch >= 2.12 has the win
         varlen_attn = None
 except ImportError:
     varlen_attn = None
-# Per-example attention on CUDA leaves out cuDNN's kernel: cuDNN builds an execution plan for every new sequence
-# length (hundreds of ms each), and packed examples bring new lengths at every step. Seen on an H200 with torch
-# 2.11: train.py --pack ran at 3.5 s a step, padded batches of the same examples at 0.4 s.
+# Attention example by example on CUDA leaves out cuDNN's kernel: cuDNN builds an execution plan for every new
+# sequence length, and packed examples bring a dozen new lengths at every step. Seen on an H200 with torch
+# 2.11 before this rule: train.py --pack at 3.5 s a step, padded batches of the same examples at 0.4 s (bench.py,
+# whose examples repeat, ran packed 1.5x faster); the rule itself has not run on a GPU yet.
 PER_EXAMPLE_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -151,15 +152,15 @@ def attend_packed(q, k, v, packing: Packing):
         y = varlen_attn(*(t[0].transpose(0, 1) for t in (q, k, v)), packing.cu, packing.cu, max(packing.lengths),
                         max(packing.lengths), window_size=(left, 0), enable_gqa=True)  # (L, nh, hd)
         return y.transpose(0, 1)[None]
+    n, N = packing.lengths[0], len(packing.lengths)
+    if packing.lengths == (n,) * N:  # all of one length: the examples as rows of one batch, one call
+        qs, ks, vs = (t[0].reshape(t.size(1), N, n, t.size(3)).transpose(0, 1) for t in (q, k, v))
+        mask = None if packing.window is None or n <= packing.window else causal_mask(
+            torch.arange(n, device=q.device), n, packing.window)
+        y = attend(qs, ks, vs, mask, causal=mask is None)  # (N, nh, n, hd)
+        return y.transpose(0, 1).reshape(1, q.size(1), N * n, q.size(3))
+    out, start = [], 0
     with sdpa_kernel(PER_EXAMPLE_KERNELS) if q.is_cuda else nullcontext():
-        n, N = packing.lengths[0], len(packing.lengths)
-        if packing.lengths == (n,) * N:  # all of one length: the examples as rows of one batch, one call
-            qs, ks, vs = (t[0].reshape(t.size(1), N, n, t.size(3)).transpose(0, 1) for t in (q, k, v))
-            mask = None if packing.window is None or n <= packing.window else causal_mask(
-                torch.arange(n, device=q.device), n, packing.window)
-            y = attend(qs, ks, vs, mask, causal=mask is None)  # (N, nh, n, hd)
-            return y.transpose(0, 1).reshape(1, q.size(1), N * n, q.size(3))
-        out, start = [], 0
         for n in packing.lengths:
             qs, ks, vs = (t[:, :, start:start + n] for t in (q, k, v))
             mask = None
@@ -167,7 +168,7 @@ def attend_packed(q, k, v, packing: Packing):
                 mask = causal_mask(torch.arange(n, device=q.device), n, packing.window)
             out.append(attend(qs, ks, vs, mask, causal=mask is None))
             start += n
-        return torch.cat(out, dim=2)
+    return torch.cat(out, dim=2)
 
 
 def causal_mask(q, n_keys, window, pad=None):
