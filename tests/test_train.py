@@ -76,15 +76,17 @@ def test_ift_with_lam0_gamma0_equals_sft(tiny_dir, rows_file, tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_resume_continues_exactly(tiny_dir, rows_file, tmp_path):
-    train.main(args(tiny_dir, rows_file, tmp_path / "full", "--max_steps", "6"))
+@pytest.mark.parametrize("pack", [[], ["--pack"]])
+def test_resume_continues_exactly(pack, tiny_dir, rows_file, tmp_path):
+    train.main(args(tiny_dir, rows_file, tmp_path / "full", "--max_steps", "6", *pack))
     # a run that stops after step 3 (as a killed or time-boxed job would, after its checkpoint), then resumes
-    train.main(args(tiny_dir, rows_file, tmp_path / "cut", "--max_steps", "6", "--save_every", "3", "--stop_at", "3"))
+    train.main(args(tiny_dir, rows_file, tmp_path / "cut", "--max_steps", "6", "--save_every", "3", "--stop_at", "3",
+                    *pack))
     state = json.load(open(tmp_path / "cut" / "checkpoint" / "train_config.json"))
     assert state["step"] == 3 and not os.path.exists(tmp_path / "cut" / "model.safetensors")
     with pytest.raises(UserError, match="--resume"):  # never silently start over on top of a checkpoint
-        train.main(args(tiny_dir, rows_file, tmp_path / "cut", "--max_steps", "6"))
-    train.main(args(tiny_dir, rows_file, tmp_path / "cut", "--max_steps", "6", "--resume"))
+        train.main(args(tiny_dir, rows_file, tmp_path / "cut", "--max_steps", "6", *pack))
+    train.main(args(tiny_dir, rows_file, tmp_path / "cut", "--max_steps", "6", "--resume", *pack))
     a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
     assert json.load(open(tmp_path / "cut" / "train_config.json"))["step"] == 6
@@ -185,13 +187,15 @@ def torchrun(nproc, argv, tmp_path, script=os.path.join(ROOT, "train.py"), ok=Tr
     return r
 
 
-@pytest.mark.parametrize("mode", ["ddp", "ddp_checkpointing", "fsdp", "fsdp_tied"])
+@pytest.mark.parametrize("mode", ["ddp", "ddp_checkpointing", "fsdp", "fsdp_tied", "ddp_pack", "fsdp_pack"])
 def test_two_processes_equal_one_with_twice_the_accumulation(mode, tiny_dir, tiny_tied_dir, rows_file, tmp_path):
     init = tiny_tied_dir if mode == "fsdp_tied" else tiny_dir
-    extra = {"ddp": [], "ddp_checkpointing": ["--grad_checkpointing"], "fsdp": ["--fsdp"], "fsdp_tied": ["--fsdp"]}
-    base = args(init, rows_file, tmp_path / "one", "--method", "ift", "--grad_accum", "2")
+    extra = {"ddp": [], "ddp_checkpointing": ["--grad_checkpointing"], "fsdp": ["--fsdp"], "fsdp_tied": ["--fsdp"],
+             "ddp_pack": [], "fsdp_pack": ["--fsdp"]}
+    pack = ["--pack"] if mode.endswith("pack") else []  # both sides packed: the examples of each rank end to end
+    base = args(init, rows_file, tmp_path / "one", "--method", "ift", "--grad_accum", "2", *pack)
     train.main(base)
-    two = args(init, rows_file, tmp_path / "two", "--method", "ift", "--grad_accum", "1", *extra[mode])
+    two = args(init, rows_file, tmp_path / "two", "--method", "ift", "--grad_accum", "1", *extra[mode], *pack)
     torchrun(2, two, tmp_path)
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     embed = "model.embed_tokens.weight"
