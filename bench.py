@@ -38,6 +38,7 @@ from torch.utils._pytree import tree_leaves
 import baselines
 import decode
 import ift
+import lora
 import train
 from errors import UserError, run
 from model import ModelConfig, Transformer, pick_device
@@ -397,6 +398,81 @@ def method_memory(model: Transformer, methods: list, B: int, T: int, device, aut
     return out
 
 
+def held_bytes(model, optimizer) -> int:
+    """Bytes a training run holds between steps: the weights (a tied table once) and the optimizer's state."""
+    storages = {}
+    tensors = [*model.parameters(), *(v for st in optimizer.state.values() for v in st.values()
+                                      if isinstance(v, torch.Tensor))]
+    for t in tensors:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def lora_memory(args, device, autocast, bf16: bool) -> dict:
+    """Training memory of one step of each of --methods with --lora R against full fine-tuning, on fresh models
+    with the same random weights: what the run holds between steps (weights, a reference copy for full DPO/TDPO,
+    optimizer state) plus the step's peak above it (activations, gradients, the update's temporaries). LoRA as
+    train.py --lora runs it: frozen base in bf16 when computing in bf16, float32 adapters, the reference the base
+    with the adapters off. Prints one line per (mode, method) and the ratios; returns {(mode, method): bytes}."""
+    B, T = args.batch_size, args.seq_len
+    modes = ("full", "lora") if args.lora_full else ("lora",)
+    out = {}
+    methods = list(args.methods)
+    if any(m in baselines.PAIR_METHODS for m in methods):
+        methods.append("sft 2B rows")  # SFT on the pairs' rows: what a pair method costs beyond its rows
+    for mode in modes:
+        for method in methods:
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = Transformer(SHAPES[args.init]) if args.init in SHAPES else None
+            if model is None:
+                model = Transformer.from_pretrained(args.init, dtype=torch.float32, device=device)
+            model.train()
+            model.grad_checkpointing = args.grad_checkpointing
+            ref = None
+            if mode == "lora":
+                lora.add_adapters(model, args.lora)
+                if bf16:
+                    for p in model.parameters():
+                        if not p.requires_grad:
+                            p.data = p.data.to(torch.bfloat16)
+                ref = lora.Reference(model)
+            elif method in baselines.REFERENCE_METHODS:
+                ref = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).requires_grad_(False)
+            optimizer = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=1e-8)
+            if method in baselines.PAIR_METHODS or method == "sft 2B rows":
+                x, y = pair_batch(B, T, model.config.vocab_size, device)
+            else:
+                x, y = make_batch(B, T, model.config.vocab_size, device)
+
+            def loss_fn():
+                with autocast:
+                    if method.startswith("sft"):
+                        return ift.sft_forward(model, x, y)
+                    if method == "ift":
+                        return ift.ift_forward(model, x, y, args.lam, args.gamma)[0]
+                    return baselines.pair_forward(model, ref, x, y, method)[0]
+
+            step = train_step(loss_fn, optimizer)
+            step()  # the optimizer's state exists from the first step on
+            held = held_bytes(model, optimizer) + (held_bytes(ref, optimizer) if isinstance(ref, nn.Module) else 0)
+            peak = peak_memory(step, device)
+            out[mode, method] = held + peak
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"lora memory, {mode} {method}: {held / MB:.0f} MB held (weights, reference, optimizer state) + "
+                  f"{peak / MB:.0f} MB step peak = {(held + peak) / MB:.0f} MB; {trainable / 1e6:.1f}M trainable "
+                  f"parameters")
+            del model, ref, optimizer, step
+    for method in methods:
+        if ("full", method) in out:
+            print(f"lora memory, {method}: lora / full {out['lora', method] / out['full', method]:.2f}x")
+    for method in args.methods:
+        if method in baselines.PAIR_METHODS:
+            print(f"lora memory, lora {method} / lora sft on the same {2 * B} rows: "
+                  f"{out['lora', method] / out['lora', 'sft 2B rows']:.2f}x")
+    return out
+
+
 # Packing's length profile: conversation lengths in tokens, log-normal with median PACK_MEDIAN and log-space
 # deviation PACK_SIGMA, clipped to [PACK_MIN, --seq_len + 1]. The median is the figure the packing issue gives for
 # UltraChat (about 1,000 tokens, a long tail); sigma 0.8 puts the 90th percentile at 2.8x the median. Both are our
@@ -517,6 +593,11 @@ def arg_parser() -> argparse.ArgumentParser:
                     help="median example length of --pack's log-normal profile, tokens")
     ap.add_argument("--pack_sigma", type=float, default=PACK_SIGMA,
                     help="log-space standard deviation of --pack's profile, >= 0")
+    ap.add_argument("--lora", type=int, default=0, metavar="R",
+                    help="with --methods: training memory of each method with rank-R adapters against full "
+                         "fine-tuning (lora_memory); 0 = off")
+    ap.add_argument("--lora_full", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --lora: also the full fine-tuning rows (--no-lora_full: the adapters' rows alone)")
     ap.add_argument("--methods", nargs="+", default=[], choices=["sft", "ift", *baselines.PAIR_METHODS],
                     help="only the peak memory of one training step of each of these methods (method_memory); "
                          "default: none, the full benchmark")
@@ -550,6 +631,10 @@ def main(argv=None):
         print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
               f"torch {torch.__version__}{'; bf16 autocast' if bf16 else ''}")
         return loss_sweep(args.loss_vocab, args.loss_dim, args.loss_sizes, device, autocast)
+    if args.lora:
+        if not args.methods:
+            raise UserError("--lora measures the methods named by --methods (e.g. --methods sft ift dpo)")
+        return lora_memory(args, device, autocast, bf16)
     model, idx, targets = model_and_batch(args, device, bf16)
     if args.methods:  # the per-method step memory alone: SFT, IFT and the preference baselines
         return method_memory(model, args.methods, args.batch_size, args.seq_len, device, autocast, args.lam,

@@ -99,13 +99,14 @@ def check_out_dir(out_dir: str, resume: bool, init_dir: str | None = None) -> st
     return None
 
 
-def write(out_dir: str, raw, msd: dict, osd: dict, step: int, config: dict, tokenizer_dir: str, final: bool):
-    """Steps 1-5 of the module docstring, from full (gathered) model and optimizer state dicts. One process."""
+def write(out_dir: str, save_model, osd: dict, step: int, config: dict, final: bool):
+    """Steps 1-5 of the module docstring: save_model(folder) writes the model's files (a Hugging Face model, or
+    under LoRA peft's adapter files), osd is the full (gathered) optimizer state dict. One process."""
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
     recover(out_dir)
     ckpt, old, tmp = (os.path.join(out_dir, name) for name in OWN)
-    raw.save_pretrained(tmp, state_dict=msd, tokenizer_dir=tokenizer_dir)
+    save_model(tmp)
     # the optimizer's moments as safetensors (a resumed rank reads only its rows of them), named
     # "<parameter>.<moment>"; step and RNG in resume.pt, loadable with torch.load(weights_only=True)
     save_file({f"{fqn}.{k}": v.contiguous() for fqn, moments in osd["state"].items() for k, v in moments.items()},

@@ -28,6 +28,7 @@ from tqdm import tqdm
 import errors
 import ift
 from data import collate, to_messages
+import hf_checkpoint
 from errors import BadValue, NotFound, UserError, read_text
 from hf_checkpoint import read_config
 from model import ModelConfig, Transformer, decoding_dtype, pick_device
@@ -234,8 +235,9 @@ def evaluate(model, tok, rows: list, max_new_tokens: int = 128, batch_size: int 
 def check_checkpoint(path: str):
     if not os.path.isdir(path):
         raise NotFound(f"checkpoint directory {path!r} does not exist")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise NotFound(f"checkpoint directory {path!r} has no config.json (not an HF checkpoint)")
+    if not os.path.isfile(os.path.join(path, "config.json")) and not hf_checkpoint.is_adapter(path):
+        raise NotFound(f"checkpoint directory {path!r} has no config.json (not an HF checkpoint) nor "
+                       "adapter_config.json (LoRA adapters)")
 
 
 def load_checkpoint(path: str, device: str = "auto"):

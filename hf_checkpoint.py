@@ -209,7 +209,12 @@ def resolve_checkpoint(path: str) -> str:
 
 
 def read_config(path: str) -> dict:
-    """config.json of a checkpoint directory: one UserError naming the file when it is missing or not JSON."""
+    """config.json of a checkpoint directory (of an adapter directory: its base's); one UserError naming the file
+    when it is missing or not JSON."""
+    if is_adapter(path):
+        base = read_json(os.path.join(path, "adapter_config.json")).get("base_model_name_or_path")
+        if isinstance(base, str) and base:
+            return read_json(os.path.join(resolve_checkpoint(base), "config.json"))
     return read_json(os.path.join(path, "config.json"))
 
 
@@ -355,7 +360,6 @@ def load_weights(model, path: str, files: dict):
 def save(cfg, state_dict: dict, out_dir: str, max_shard_bytes: int, tokenizer_dir: str | None):
     """Write config.json + safetensors with HF tensor names (sharded above max_shard_bytes), and copy the
     tokenizer files of tokenizer_dir."""
-    import shutil
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
     sd = {hf_name(k): v.detach().contiguous().cpu() for k, v in state_dict.items()
@@ -382,7 +386,20 @@ def save(cfg, state_dict: dict, out_dir: str, max_shard_bytes: int, tokenizer_di
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(dict(config_to_hf(cfg), torch_dtype=dtype), f, indent=2)
-    for name in TOKENIZER_FILES if tokenizer_dir else ():
+    if tokenizer_dir:
+        copy_tokenizer(tokenizer_dir, out_dir)
+
+
+def is_adapter(path: str) -> bool:
+    """A folder of LoRA adapter files (peft's adapter_config.json) rather than a model (config.json)."""
+    return os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(
+        os.path.join(path, "config.json"))
+
+
+def copy_tokenizer(tokenizer_dir: str, out_dir: str):
+    """The tokenizer files of tokenizer_dir (those it has) into out_dir."""
+    import shutil
+    for name in TOKENIZER_FILES:
         src = os.path.join(tokenizer_dir, name)
         if os.path.exists(src) and os.path.abspath(tokenizer_dir) != os.path.abspath(out_dir):
             shutil.copy(src, os.path.join(out_dir, name))

@@ -131,6 +131,18 @@ def disabled(model):
             m.enabled = True
 
 
+class Reference:
+    """DPO and TDPO's frozen reference under LoRA: the policy's own base, called with its adapters off. No second
+    copy of the weights (the reference is the base the adapters start from: B = 0)."""
+
+    def __init__(self, model):
+        self.model, self.lm_head = model, model.lm_head
+
+    def __call__(self, *args, **kwargs):
+        with disabled(self.model):
+            return self.model(*args, **kwargs)
+
+
 def adapter_state_dict(model) -> dict:
     """The adapters under peft's key names (base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight),
     gathered whole when FSDP shards them (every rank must call it then)."""
@@ -255,3 +267,47 @@ def merge_adapters(model):
         parent, leaf = name.rsplit(".", 1)
         setattr(model.get_submodule(parent), leaf, plain)
     return model
+
+
+def merged(cls, adapter_dir: str, dtype=None, device=None, shard=None):
+    """cls.from_pretrained of an adapter directory: the base its config names (base_model_name_or_path), the
+    adapters loaded and merged in. One clear error when the base is missing or does not fit the adapters."""
+    if shard is not None:
+        raise BadValue(f"{adapter_dir}: adapter directories load whole (merge them first: python lora.py merge)")
+    _, base = read_adapter_config(adapter_dir)
+    if not base:
+        raise BadValue(f"{os.path.join(adapter_dir, CONFIG)}: no base_model_name_or_path, so its base model is "
+                       "unknown")
+    try:
+        model = cls.from_pretrained(base, dtype, device)
+    except (NotFound, OSError) as e:
+        raise NotFound(f"{adapter_dir}: its base model {base} (base_model_name_or_path) cannot be loaded: "
+                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    load_adapter(model, adapter_dir)
+    merge_adapters(model)
+    model.name_or_path = adapter_dir
+    return model.eval()
+
+
+def main(argv=None):
+    """python lora.py merge ADAPTER_DIR OUT_DIR: a plain Hugging Face checkpoint of base + adapters."""
+    import argparse
+    from errors import UserError
+    from model import Transformer
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("command", choices=["merge"])
+    ap.add_argument("adapter_dir", help="adapter_config.json + adapter_model.safetensors (train.py --lora, or peft)")
+    ap.add_argument("out_dir", help="a new or empty folder for the merged model")
+    args = ap.parse_args(argv)
+    if os.path.exists(args.out_dir) and (not os.path.isdir(args.out_dir) or os.listdir(args.out_dir)):
+        raise UserError(f"{args.out_dir} exists and is not an empty folder: nothing written")
+    model = Transformer.from_pretrained(args.adapter_dir)  # the base, adapters merged in
+    tokenizer_dir = args.adapter_dir if os.path.exists(os.path.join(args.adapter_dir, "tokenizer_config.json")) \
+        else read_adapter_config(args.adapter_dir)[1]
+    model.save_pretrained(args.out_dir, tokenizer_dir=tokenizer_dir)
+    print(f"merged: {args.adapter_dir} into its base, saved in {args.out_dir}")
+
+
+if __name__ == "__main__":
+    from errors import run
+    run(main)

@@ -330,6 +330,9 @@ class Transformer(nn.Module):
         checkpoint's own when None. shard(model), when given, runs on the meta model first (FSDP's fully_shard),
         and each rank then reads only the rows of each tensor it keeps."""
         path = resolve_checkpoint(path)
+        if hf_checkpoint.is_adapter(path):  # peft's adapter files: its base with the adapters merged in (lora.py)
+            import lora
+            return lora.merged(cls, path, dtype, device, shard)
         source = f"{path}/config.json"
         cfg = ModelConfig.from_hf(hf_checkpoint.read_config(path), source=source)
         files = hf_checkpoint.weight_files(path)

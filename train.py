@@ -29,16 +29,21 @@ from tqdm import tqdm
 import baselines
 import checkpoint
 import ift
+import lora
 from convert_gguf import DEFAULT_OUT, ensure_default
 from data import batch_indices, collate, tokenize_pairs, tokenize_sources
 from packing import collate_packed
 from errors import ArgumentParser, HelpFormatter, Interrupted, UserError, field_comments, run, signals_deferred
+import hf_checkpoint
 from hf_checkpoint import local, read_config
 from model import ModelConfig, Transformer, pick_device, resolve_checkpoint
 from presets import METHOD_PRESETS, PRESETS
 from tokenizer import Tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+LORA_TARGETS = ",".join(lora.TARGETS)
 
 
 @dataclass
@@ -87,6 +92,11 @@ class TrainConfig:  # each field's comment is its --help text
     compile: bool = False           # torch.compile each transformer block
     grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
     pack: bool = False              # lay each micro-batch's examples end to end, no padding (packing.py); same loss
+    # LoRA (lora.py): train low-rank adapters on a frozen base instead of every weight; out_dir gets peft's files
+    lora: int = 0                   # adapter rank r; 0 = full fine-tuning
+    lora_alpha: float = 0.0         # scale alpha / r of the adapters; 0 = 2 * r
+    lora_dropout: float = 0.0       # dropout on the adapters' input, in [0, 1)
+    lora_targets: str = LORA_TARGETS  # comma-separated projections of each block that get adapters
     peak_tflops: float = 0.0        # one device's dense peak, for the MFU log; 0 = the GPU's row in PEAK_BF16_FLOPS
     # logging and checkpoints
     eval_every: int = 20            # steps; 0 = only at the end
@@ -139,6 +149,7 @@ def config_problem(cfg: TrainConfig) -> str | None:
     bad = next((name for name, v in numbers.items() if not math.isfinite(v)), None)
     if bad:
         return f"--{bad} must be a finite number, got {numbers[bad]}"
+    unknown = lora_targets(cfg.lora_targets)[1]
     rules = [
         (0 <= cfg.lam <= 1 and 0 <= cfg.gamma <= 1 and 0 <= cfg.lam_min <= 1,
          "--lam, --gamma and --lam_min must lie in [0, 1]"),
@@ -157,8 +168,19 @@ def config_problem(cfg: TrainConfig) -> str | None:
          "--seed, --eval_every, --eval_max, --save_every and --stop_at must be >= 0"),
         (cfg.sample_every >= -1, "--sample_every must be -1 (start and end), 0 (never) or more"),
         (cfg.peak_tflops >= 0, "--peak_tflops must be >= 0"),
+        (cfg.lora >= 0 and cfg.lora_alpha >= 0 and 0 <= cfg.lora_dropout < 1,
+         "--lora and --lora_alpha must be >= 0 and --lora_dropout in [0, 1)"),
+        (not (cfg.lora and cfg.fsdp), "--lora with --fsdp is not supported yet: under LoRA a 7B's frozen bf16 base "
+         "(14 GB) fits one GPU; use one process or DDP"),
+        (not unknown, f"--lora_targets: unknown {', '.join(unknown)} (valid: {', '.join(lora.TARGETS)})"),
     ]
     return next((message for ok, message in rules if not ok), None)
+
+
+def lora_targets(text: str) -> tuple[tuple, list]:
+    """--lora_targets "q_proj,v_proj" -> (the targets, the unknown names)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    return tuple(names), [t for t in names if t not in lora.TARGETS] or ([] if names else ["(none)"])
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -348,7 +370,9 @@ def fingerprint(examples) -> str:
 # what --resume must find unchanged, and why
 MUST_MATCH = {"method": "--method", "init_dir": "--init", "seed": "--seed (the data order)",
               "data_sha256": "training data (--data, the tokenizer, --max_length or --learn_all_turns)",
-              "examples_per_step": "examples per step (--batch_size x --grad_accum x processes: the data position)"}
+              "examples_per_step": "examples per step (--batch_size x --grad_accum x processes: the data position)",
+              "lora": "--lora (the adapter rank; 0 = full fine-tuning)", "lora_alpha": "--lora_alpha",
+              "lora_dropout": "--lora_dropout", "lora_targets": "--lora_targets"}
 
 
 def check_resume(cfg: TrainConfig, ckpt: str, record: dict, total: int):
@@ -395,12 +419,16 @@ def build_model(cfg: TrainConfig, init_dir: str, ckpt: str | None, device, world
         if cfg.fsdp:
             shard_fsdp(meta_model, bf16)
 
-    source = ckpt or init_dir
-    raw = Transformer.from_pretrained(source, torch.float32, device, shard=prepare)
+    source = init_dir if cfg.lora else ckpt or init_dir  # under LoRA the checkpoint holds the adapters alone
+    raw = Transformer.from_pretrained(source, torch.float32, device, shard=None if cfg.lora else prepare)
     bad = nonfinite(raw.named_parameters(), world)
     if bad:
         raise UserError(f"{source}: {bad[0]}{f' and {len(bad) - 1} more' if bad[1:] else ''} hold non-finite "
                         "values (inf or nan): training from them would publish a broken model")
+    if cfg.lora:
+        add_lora(cfg, raw, ckpt, bf16)
+        if cfg.compile:
+            raw.compile_blocks()
     raw.grad_checkpointing = cfg.grad_checkpointing
     raw.train()
     model = raw
@@ -408,15 +436,37 @@ def build_model(cfg: TrainConfig, init_dir: str, ckpt: str | None, device, world
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
     ref = None
-    if cfg.method in baselines.REFERENCE_METHODS:
+    if cfg.method in baselines.REFERENCE_METHODS and cfg.lora:  # the same base with its adapters off: no copy
+        ref = lora.Reference(raw)
+    elif cfg.method in baselines.REFERENCE_METHODS:
         # DPO/TDPO's frozen reference: the initial weights, from --init also on --resume (never the checkpoint's).
         # No gradients, no optimizer state, not wrapped by DDP, never saved; sharded like the policy under FSDP.
         # bf16 weights when computing in bf16 on CUDA (half the policy's fp32 weights), else float32
         ref_dtype = torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32
         ref = Transformer.from_pretrained(init_dir, ref_dtype, device, shard=prepare).requires_grad_(False)
     opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
-    optimizer = opt_cls(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = opt_cls([p for p in raw.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     return raw, model, ref, optimizer, autocast
+
+
+def add_lora(cfg: TrainConfig, raw: Transformer, ckpt: str | None, bf16_base: bool):
+    """--lora: freeze the base and add adapters (lora.py), fresh or, on --resume, the checkpoint's. The frozen
+    base is cast to bf16 when computing in bf16 (on CUDA by default; its fp32 copy would only cost memory: it gets
+    no updates); the adapters stay float32, so only they carry fp32 masters, gradients and optimizer state. IFT's
+    blend then reads the frozen embedding table, as the released code does under peft."""
+    targets = lora_targets(cfg.lora_targets)[0]
+    if ckpt:
+        settings = lora.load_adapter(raw, ckpt)
+        want = lora.Settings(cfg.lora, cfg.lora_alpha or 2 * cfg.lora, cfg.lora_dropout,
+                             tuple(t for t in lora.TARGETS if t in targets))
+        if settings != want:  # check_resume compared the flags; this is the files against them
+            raise UserError(f"--resume: the adapters in {ckpt} are {settings}, the flags ask for {want}")
+    else:
+        lora.add_adapters(raw, cfg.lora, cfg.lora_alpha or None, cfg.lora_dropout, targets)
+    if bf16_base:
+        for p in raw.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
 
 
 def train_step(cfg, model, raw, ref, ref_head, optimizer, train, step, lam, rank, world, device, autocast):
@@ -473,15 +523,27 @@ def train_step(cfg, model, raw, ref, ref_head, optimizer, train, step, lam, rank
 def save(cfg, model, raw, optimizer, step, rank, world, record, final=False):
     """Every rank takes part (FSDP gathers the full state on CPU), rank 0 writes (checkpoint.py says how a crash
     at any point is survived). Ctrl-C and SIGTERM wait until the checkpoint is complete."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         get_state_dict)
     bad = nonfinite(raw.named_parameters(), world)
     if bad:  # the step's loss and gradient were finite, the update was not (an extreme --lr, say)
         raise UserError(f"step {step}: the weights hold non-finite values ({bad[0]}) after the update; not saved. "
                         f"{last_checkpoint(cfg.out_dir)}; nothing published")
     with signals_deferred():
-        msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        if cfg.lora:  # the adapters and their optimizer state: the frozen base is --init's, never copied
+            osd = get_optimizer_state_dict(model, optimizer, options=options)
+
+            def save_model(folder):  # python lora.py merge OUT_DIR MERGED makes a plain model of it
+                lora.save_adapter(raw, folder, record["init_dir"])
+                hf_checkpoint.copy_tokenizer(record["init_dir"], folder)
+        else:
+            msd, osd = get_state_dict(model, optimizer, options=options)
+
+            def save_model(folder):
+                raw.save_pretrained(folder, state_dict=msd, tokenizer_dir=record["init_dir"])
         if rank == 0:
-            checkpoint.write(cfg.out_dir, raw, msd, osd, step, record, record["init_dir"], final)
+            checkpoint.write(cfg.out_dir, save_model, osd, step, record, final)
         if dist.is_initialized():
             dist.barrier()
 

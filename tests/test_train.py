@@ -315,6 +315,28 @@ def two_rank_uninterrupted(tiny_dir, rows_file, tmp_path_factory):
     return weights(tmp / "full")
 
 
+def test_two_nodes_of_one_process_end_with_the_one_node_two_process_weights(tiny_dir, rows_file, tmp_path,
+                                                                            two_rank_uninterrupted):
+    """torchrun across two machines, here two launchers on one host: --nnodes 2, one process per node, a c10d
+    rendezvous on the first node's address. The two ranks do what the 2-process single-node run does (same data
+    slices, gloo's sum of two gradients is the same in either order), so the weights are bit for bit equal."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    argv = two_rank_args(tiny_dir, rows_file, tmp_path / "out")
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
+                               str(rank), "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_id", "ift-test",
+                               "--rdzv_endpoint", f"127.0.0.1:{port}", os.path.join(ROOT, "train.py"), *argv],
+                              env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    final = weights(tmp_path / "out")
+    assert all(torch.equal(final[k], two_rank_uninterrupted[k]) for k in final), "two nodes differ from one"
+
+
 def test_killed_rank_stops_the_job_and_resume_equals_the_uninterrupted_run(tiny_dir, rows_file, tmp_path,
                                                                           two_rank_uninterrupted):
     """Rank 1 of two dies at step 4 of 6 (after the step-2 checkpoint): torchrun ends the job in bounded time
