@@ -40,7 +40,7 @@ import decode
 import ift
 import lora
 import train
-from errors import UserError, run
+from errors import UserError, read_json, run
 from model import ModelConfig, Transformer, pick_device
 from train import flops_per_token, gpu_row, peak_flops
 
@@ -414,55 +414,14 @@ def lora_memory(args, device, autocast, bf16: bool) -> dict:
     optimizer state) plus the step's peak above it (activations, gradients, the update's temporaries). LoRA as
     train.py --lora runs it: frozen base in bf16 when computing in bf16, float32 adapters, the reference the base
     with the adapters off. Prints one line per (mode, method) and the ratios; returns {(mode, method): bytes}."""
-    B, T = args.batch_size, args.seq_len
-    modes = ("full", "lora") if args.lora_full else ("lora",)
-    out = {}
+    B = args.batch_size
     methods = list(args.methods)
     if any(m in baselines.PAIR_METHODS for m in methods):
         methods.append("sft 2B rows")  # SFT on the pairs' rows: what a pair method costs beyond its rows
-    for mode in modes:
+    out = {}
+    for mode in ("full", "lora") if args.lora_full else ("lora",):
         for method in methods:
-            torch.manual_seed(0)
-            with torch.device(device):
-                model = Transformer(SHAPES[args.init]) if args.init in SHAPES else None
-            if model is None:
-                model = Transformer.from_pretrained(args.init, dtype=torch.float32, device=device)
-            model.train()
-            model.grad_checkpointing = args.grad_checkpointing
-            ref = None
-            if mode == "lora":
-                lora.add_adapters(model, args.lora)
-                if bf16:
-                    for p in model.parameters():
-                        if not p.requires_grad:
-                            p.data = p.data.to(torch.bfloat16)
-                ref = lora.Reference(model)
-            elif method in baselines.REFERENCE_METHODS:
-                ref = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).requires_grad_(False)
-            optimizer = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=1e-8)
-            if method in baselines.PAIR_METHODS or method == "sft 2B rows":
-                x, y = pair_batch(B, T, model.config.vocab_size, device)
-            else:
-                x, y = make_batch(B, T, model.config.vocab_size, device)
-
-            def loss_fn():
-                with autocast:
-                    if method.startswith("sft"):
-                        return ift.sft_forward(model, x, y)
-                    if method == "ift":
-                        return ift.ift_forward(model, x, y, args.lam, args.gamma)[0]
-                    return baselines.pair_forward(model, ref, x, y, method)[0]
-
-            step = train_step(loss_fn, optimizer)
-            step()  # the optimizer's state exists from the first step on
-            held = held_bytes(model, optimizer) + (held_bytes(ref, optimizer) if isinstance(ref, nn.Module) else 0)
-            peak = peak_memory(step, device)
-            out[mode, method] = held + peak
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            print(f"lora memory, {mode} {method}: {held / MB:.0f} MB held (weights, reference, optimizer state) + "
-                  f"{peak / MB:.0f} MB step peak = {(held + peak) / MB:.0f} MB; {trainable / 1e6:.1f}M trainable "
-                  f"parameters")
-            del model, ref, optimizer, step
+            out[mode, method] = lora_memory_row(args, mode, method, device, autocast, bf16)
     for method in methods:
         if ("full", method) in out:
             print(f"lora memory, {method}: lora / full {out['lora', method] / out['full', method]:.2f}x")
@@ -470,6 +429,74 @@ def lora_memory(args, device, autocast, bf16: bool) -> dict:
         if method in baselines.PAIR_METHODS:
             print(f"lora memory, lora {method} / lora sft on the same {2 * B} rows: "
                   f"{out['lora', method] / out['lora', 'sft 2B rows']:.2f}x")
+    return out
+
+
+def lora_memory_row(args, mode: str, method: str, device, autocast, bf16: bool) -> int:
+    """One line of lora_memory: a fresh model, one step to create the optimizer's state, then the measured step."""
+    model = fresh_model(args, device)
+    ref, ref_bytes = None, 0
+    if mode == "lora":
+        lora.add_adapters(model, args.lora)
+        if bf16:
+            for p in model.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
+        ref = lora.Reference(model)
+    elif method in baselines.REFERENCE_METHODS:
+        ref = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).requires_grad_(False)
+        ref_bytes = sum(p.numel() * p.element_size() for p in ref.parameters())
+    optimizer = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=1e-8)
+    rows = pair_batch if method in baselines.PAIR_METHODS or method == "sft 2B rows" else make_batch
+    x, y = rows(args.batch_size, args.seq_len, model.config.vocab_size, device)
+
+    def loss_fn():
+        with autocast:
+            if method.startswith("sft"):
+                return ift.sft_forward(model, x, y)
+            if method == "ift":
+                return ift.ift_forward(model, x, y, args.lam, args.gamma)[0]
+            return baselines.pair_forward(model, ref, x, y, method)[0]
+
+    step = train_step(loss_fn, optimizer)
+    step()  # the optimizer's state exists from the first step on
+    held = held_bytes(model, optimizer) + ref_bytes
+    peak = peak_memory(step, device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"lora memory, {mode} {method}: {held / MB:.0f} MB held (weights, reference, optimizer state) + "
+          f"{peak / MB:.0f} MB step peak = {(held + peak) / MB:.0f} MB; {trainable / 1e6:.1f}M trainable parameters",
+          flush=True)
+    return held + peak
+
+
+def memory_table(config_path: str, r: int, bf16: bool) -> dict:
+    """Training state of a model (config.json) per method, full fine-tuning against rank-r LoRA on every
+    projection, from what train.py holds, in bytes per parameter: full: fp32 weights 4, gradients 4, RMSprop's
+    square average 4 (AdamW's two moments: 8), and at the update one more fp32 copy (torch's foreach RMSprop on
+    CUDA, seen on an H200: bench_eager's step peak); DPO/TDPO add a reference, bf16 when computing in bf16 (2),
+    else fp32 (4). LoRA: the frozen base bf16 (2; fp32 4 without bf16), the adapters 4 + 4 + 4 (+ 4 at the
+    update), no reference. Activations are not in it (they depend on the batch; bench.py --lora measures a step).
+    Prints the table in GB (1e9 bytes) and returns {(mode, method): bytes}."""
+    cfg = ModelConfig.from_hf(read_json(config_path), source=config_path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    P = sum(p.numel() for p in model.parameters())
+    lora.add_adapters(model, r)
+    A = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    base, ref = (2, 2) if bf16 else (4, 4)
+    held = {"full": 4 * P + 4 * P, "lora": base * P + 8 * A}  # weights and optimizer state, between steps
+    step = {"full": 4 * P + 4 * P, "lora": 8 * A}  # gradients and the update's temporary copy
+    print(f"memory table: {config_path}: {P / 1e9:.3f}B parameters; --lora {r}: {A / 1e6:.1f}M adapter "
+          f"parameters ({A / P:.2%}); RMSprop; {'bf16' if bf16 else 'float32'} compute; GB, activations excluded")
+    out = {}
+    for method in ("sft", "ift", "dpo", "tdpo", "orpo", "simpo"):
+        for mode in ("full", "lora"):
+            reference = ref * P if mode == "full" and method in baselines.REFERENCE_METHODS else 0
+            out[mode, method] = held[mode] + reference + step[mode]
+        print(f"memory table, {method}: full {out['full', method] / 1e9:.1f} (held between steps "
+              f"{(out['full', method] - step['full']) / 1e9:.1f}), lora {out['lora', method] / 1e9:.1f} (held "
+              f"{(out['lora', method] - step['lora']) / 1e9:.1f}); lora / full "
+              f"{out['lora', method] / out['full', method]:.2f}x")
     return out
 
 
@@ -596,6 +623,9 @@ def arg_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lora", type=int, default=0, metavar="R",
                     help="with --methods: training memory of each method with rank-R adapters against full "
                          "fine-tuning (lora_memory); 0 = off")
+    ap.add_argument("--memory_table", default="", metavar="CONFIG",
+                    help="only the training-state table of a model's config.json, full against --lora R (default "
+                         "16), from bytes per parameter (memory_table); --dtype fp32 for float32 compute")
     ap.add_argument("--lora_full", action=argparse.BooleanOptionalAction, default=True,
                     help="with --lora: also the full fine-tuning rows (--no-lora_full: the adapters' rows alone)")
     ap.add_argument("--methods", nargs="+", default=[], choices=["sft", "ift", *baselines.PAIR_METHODS],
@@ -631,6 +661,8 @@ def main(argv=None):
         print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
               f"torch {torch.__version__}{'; bf16 autocast' if bf16 else ''}")
         return loss_sweep(args.loss_vocab, args.loss_dim, args.loss_sizes, device, autocast)
+    if args.memory_table:
+        return memory_table(args.memory_table, args.lora or 16, args.dtype != "fp32")
     if args.lora:
         if not args.methods:
             raise UserError("--lora measures the methods named by --methods (e.g. --methods sft ift dpo)")
@@ -665,8 +697,8 @@ def setup(args) -> tuple[torch.device, bool, object]:
     return device, bf16, autocast
 
 
-def model_and_batch(args, device, bf16: bool):
-    """The model in training mode and the batch (make_batch) -> model, idx, targets; prints where, what and how."""
+def fresh_model(args, device) -> Transformer:
+    """--init's model (random weights in a SHAPES shape, seeded, or a checkpoint) in float32, training mode."""
     torch.manual_seed(0)
     if args.init in SHAPES:
         with torch.device(device):
@@ -675,6 +707,12 @@ def model_and_batch(args, device, bf16: bool):
         model = Transformer.from_pretrained(args.init, dtype=torch.float32, device=device)
     model.train()
     model.grad_checkpointing = args.grad_checkpointing
+    return model
+
+
+def model_and_batch(args, device, bf16: bool):
+    """The model in training mode and the batch (make_batch) -> model, idx, targets; prints where, what and how."""
+    model = fresh_model(args, device)
     cfg = model.config
     B, T = args.batch_size, args.seq_len
     idx, targets = make_batch(B, T, cfg.vocab_size, device)

@@ -141,3 +141,39 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", guarded_lookup)
     yield attempts
     assert not attempts, f"the test tried to open network connections: {attempts}"
+
+
+# chat and pair rows for train.py's tests: train and eval files, one pair per module
+
+def chat_rows(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        a, b = (int(v) for v in torch.randint(1, 50, (2,), generator=g))
+        rows.append({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                                  {"role": "assistant", "content": f"{a} + {b} = {a + b}. #### {a + b}"}]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def rows_file(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    return write_jsonl(d / "train.jsonl", chat_rows(32)), write_jsonl(d / "eval.jsonl", chat_rows(8, seed=1))
+
+
+def pair_rows(n, seed=0):
+    """The bundled task's schema: messages (the chosen conversation) + rejected (the other answer)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        a, b = (int(v) for v in torch.randint(1, 50, (2,), generator=g))
+        rows.append({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                                  {"role": "assistant", "content": f"{a} + {b} = {a + b}. #### {a + b}"}],
+                     "rejected": f"{a} + {b} = {a + b + 1}. #### {a + b + 1}"})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pairs")
+    return write_jsonl(d / "train.jsonl", pair_rows(16)), write_jsonl(d / "eval.jsonl", pair_rows(4, seed=1))

@@ -9,28 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import chat_rows, write_jsonl
 from errors import UserError
 import train
 from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def chat_rows(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        a, b = (int(v) for v in torch.randint(1, 50, (2,), generator=g))
-        rows.append({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
-                                  {"role": "assistant", "content": f"{a} + {b} = {a + b}. #### {a + b}"}]})
-    return rows
-
-
-@pytest.fixture(scope="module")
-def rows_file(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    return write_jsonl(d / "train.jsonl", chat_rows(32)), write_jsonl(d / "eval.jsonl", chat_rows(8, seed=1))
 
 
 def args(init, data, out, *extra):

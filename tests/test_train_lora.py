@@ -11,25 +11,27 @@ from safetensors.torch import load_file
 
 import lora
 import train
-from conftest import write_jsonl
 from errors import UserError
 from model import Transformer
-from test_train import args, chat_rows, torchrun
-from test_train_prefs import pair_rows
+from test_train import args, torchrun
 
 IDX = torch.arange(40).mul(37).remainder(1000).view(2, 20)
 
 
-@pytest.fixture(scope="module")
-def rows_file(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    return write_jsonl(d / "train.jsonl", chat_rows(32)), write_jsonl(d / "eval.jsonl", chat_rows(8, seed=1))
+@pytest.fixture
+def built(monkeypatch):
+    """What train.build_model returns in the next train.main: {raw, model, ref, optimizer}, and the weights
+    before training (before)."""
+    seen = {}
+    build = train.build_model
 
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pairs")
-    return write_jsonl(d / "train.jsonl", pair_rows(16)), write_jsonl(d / "eval.jsonl", pair_rows(4, seed=1))
+    def spy(*a, **k):
+        out = build(*a, **k)
+        seen.update(zip(("raw", "model", "ref", "optimizer"), out))
+        seen["before"] = {n: p.detach().clone() for n, p in out[0].named_parameters()}
+        return out
+    monkeypatch.setattr(train, "build_model", spy)
+    return seen
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +63,8 @@ def test_out_dir_holds_peft_files_that_peft_loads_with_our_logits(ift_run, tiny_
     torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
 
 
-def test_only_the_adapters_train_and_the_base_stays_frozen(tiny_dir, rows_file, tmp_path, monkeypatch):
-    seen = {}
-    build = train.build_model
-
-    def spy(cfg, *a, **k):
-        raw, model, ref, optimizer, autocast = build(cfg, *a, **k)
-        seen["raw"], seen["optimizer"] = raw, optimizer
-        seen["before"] = {n: p.detach().clone() for n, p in raw.named_parameters()}
-        return raw, model, ref, optimizer, autocast
-    monkeypatch.setattr(train, "build_model", spy)
+def test_only_the_adapters_train_and_the_base_stays_frozen(tiny_dir, rows_file, tmp_path, built):
+    seen = built
     train.main(args(tiny_dir, rows_file, tmp_path / "o", "--method", "sft", "--lora", "2", "--lora_targets",
                     "q_proj,v_proj", "--lr", "1e-2"))
     raw, optimizer = seen["raw"], seen["optimizer"]
@@ -84,8 +78,8 @@ def test_only_the_adapters_train_and_the_base_stays_frozen(tiny_dir, rows_file, 
 
 
 @pytest.mark.parametrize("method", ["sft", "dpo", "tdpo", "orpo", "simpo"])
-def test_every_method_trains_adapters(method, tiny_dir, rows_file, pairs, tmp_path, capsys):
-    data = rows_file if method == "sft" else pairs
+def test_every_method_trains_adapters(method, tiny_dir, rows_file, pairs_file, tmp_path, capsys):
+    data = rows_file if method == "sft" else pairs_file
     train.main(args(tiny_dir, data, tmp_path / method, "--method", method, "--lora", "4", "--max_steps", "2",
                     "--grad_accum", "1", "--eval_every", "1"))
     out = capsys.readouterr().out
@@ -96,16 +90,9 @@ def test_every_method_trains_adapters(method, tiny_dir, rows_file, pairs, tmp_pa
         assert float(values["margin"]) == 0.0 and abs(float(values["loss"]) - 0.6931) < 1e-3, step1
 
 
-def test_dpo_reference_is_the_base_with_adapters_off_and_no_copy(tiny_dir, pairs, tmp_path, monkeypatch):
-    seen = {}
-    build = train.build_model
-
-    def spy(*a, **k):
-        out = build(*a, **k)
-        seen["raw"], seen["ref"] = out[0], out[2]
-        return out
-    monkeypatch.setattr(train, "build_model", spy)
-    train.main(args(tiny_dir, pairs, tmp_path / "o", "--method", "dpo", "--lora", "4", "--max_steps", "2",
+def test_dpo_reference_is_the_base_with_adapters_off_and_no_copy(tiny_dir, pairs_file, tmp_path, built):
+    seen = built
+    train.main(args(tiny_dir, pairs_file, tmp_path / "o", "--method", "dpo", "--lora", "4", "--max_steps", "2",
                     "--lr", "1e-2"))
     raw, ref = seen["raw"], seen["ref"]
     assert isinstance(ref, lora.Reference) and ref.model is raw  # the policy's own weights, no second copy
@@ -187,19 +174,12 @@ def test_checkpointing_packing_and_compiling_leave_the_adapters_as_they_are(flag
 
 
 @pytest.mark.parametrize("method", ["ift", "dpo"])
-def test_bf16_keeps_the_frozen_base_in_bf16_and_the_adapters_in_float32(method, tiny_dir, rows_file, pairs,
-                                                                         tmp_path, monkeypatch):
+def test_bf16_keeps_the_frozen_base_in_bf16_and_the_adapters_in_float32(method, tiny_dir, rows_file, pairs_file,
+                                                                         tmp_path, built):
     """What CUDA does by default (bf16 autocast), here with --dtype bf16 on the CPU: the base is never held in
     float32 for training, the adapters and their optimizer state are."""
-    seen = {}
-    build = train.build_model
-
-    def spy(*a, **k):
-        out = build(*a, **k)
-        seen["raw"], seen["optimizer"] = out[0], out[3]
-        return out
-    monkeypatch.setattr(train, "build_model", spy)
-    data = rows_file if method == "ift" else pairs
+    seen = built
+    data = rows_file if method == "ift" else pairs_file
     train.main(args(tiny_dir, data, tmp_path / "o", "--method", method, "--lora", "4", "--dtype", "bf16",
                     "--max_steps", "2", "--lr", "1e-2"))
     dtypes = {n: p.dtype for n, p in seen["raw"].named_parameters()}

@@ -10,31 +10,13 @@ from safetensors.torch import load_file
 
 import baselines
 from errors import UserError
-from conftest import ROOT, write_jsonl
+from conftest import ROOT, pair_rows, write_jsonl
 import train
 from data import DataError, to_pair, tokenize_pairs, tokenize_sources
 from model import Transformer
 
 USER = {"role": "user", "content": "What is 2 + 2?"}
 GOOD, BAD = {"role": "assistant", "content": "4"}, {"role": "assistant", "content": "5"}
-
-
-def pair_rows(n, seed=0):
-    """The bundled task's schema: messages (the chosen conversation) + rejected (the other answer)."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        a, b = (int(v) for v in torch.randint(1, 50, (2,), generator=g))
-        rows.append({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
-                                  {"role": "assistant", "content": f"{a} + {b} = {a + b}. #### {a + b}"}],
-                     "rejected": f"{a} + {b} = {a + b + 1}. #### {a + b + 1}"})
-    return rows
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pairs")
-    return write_jsonl(d / "train.jsonl", pair_rows(16)), write_jsonl(d / "eval.jsonl", pair_rows(4, seed=1))
 
 
 def args(init, data, out, *extra):

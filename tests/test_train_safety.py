@@ -16,14 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, write_jsonl
 from errors import UserError
-from test_train import args, chat_rows, weights
+from test_train import args, weights
+from conftest import chat_rows
 import train
-
-
-@pytest.fixture(scope="module")
-def rows_file(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    return write_jsonl(d / "train.jsonl", chat_rows(32)), write_jsonl(d / "eval.jsonl", chat_rows(8, seed=1))
 
 
 def tree_hash(path) -> dict:
