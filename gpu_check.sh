@@ -2,13 +2,15 @@
 # What a GPU session runs, from the repository root (no internet needed). Two parts, each fits one device call:
 #
 #     OUT=/some/empty/dir GPU_CHECK_PARTS=core bash gpu_check.sh    # at most 9 minutes (timeouts add up to 540 s)
-#     OUT=/some/empty/dir GPU_CHECK_PARTS=extra bash gpu_check.sh   # at most 14 minutes; about 5 on an H200
+#     OUT=/some/empty/dir GPU_CHECK_PARTS=extra bash gpu_check.sh   # at most 17 minutes; 6+ on an H200
 #
 # (both by default). core: greedy_check.log, bench_decode1.log, bench_eager.log, bench_compile.log,
 # loss_sweep.log. extra, the paths added since the first GPU run: methods.log (per-method step memory and time),
-# bench_compile_ckpt.log, pack.log, pack_exact.log, then train.py end to end on random weights in SmolLM2-135M's
-# shape (fsdp_ift_untied.log, fsdp_ift_tied.log, train_pack.log, train_compile_ckpt.log; the tokenizer and
-# config.json are read from $GPU_CHECK_TOK, default .gpu/tok). summary.log holds this script's own output.
+# bench_compile_ckpt.log, pack.log, pack_exact.log, lora_memory.log, then train.py end to end on random weights in
+# SmolLM2-135M's shape (fsdp_ift_untied.log, fsdp_ift_tied.log, train_pack.log, train_lora_dpo.log,
+# train_compile_ckpt.log; the tokenizer and config.json are read from $GPU_CHECK_TOK, default .gpu/tok).
+# summary.log holds this script's own output. More than 8 logs: a device call that brings back at most 8 files
+# should tar them.
 # Each step runs under `timeout` and its wall time is printed; a failing step does not stop the others.
 #
 #     GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1 bash gpu_check.sh     # every line on the CPU at tiny sizes
@@ -249,6 +251,9 @@ for window in (None, 48):
           " (relative: loss, and gradient norm of the difference)")
 PY
 
+# --lora 16 against full fine-tuning: training memory per method (the frozen base in bf16 on CUDA)
+step lora_memory 120 python bench.py --device "$DEV" --init "$INIT" $B1 --lora 16 --methods sft ift dpo
+
 # train.py end to end on random weights in SmolLM2-135M's shape (carried tokenizer and config): FSDP2 with sharded
 # reads (one process), the tied model under FSDP, --pack, --compile with activation checkpointing
 CK=$OUT/ck
@@ -273,6 +278,8 @@ for init in untied tied; do
         --out_dir "$CK/out_fsdp_$init" $TRAIN
 done
 TAIL=4 step train_pack 60 python train.py --init "$CK/untied" --method ift --pack --out_dir "$CK/out_pack" $TRAIN
+TAIL=4 step train_lora_dpo 60 python train.py --init "$CK/untied" --method dpo --lora 16 --out_dir "$CK/out_lora" \
+    $TRAIN
 TAIL=4 step train_compile_ckpt 120 python train.py --init "$CK/untied" --method ift --compile --grad_checkpointing \
     --out_dir "$CK/out_compile" $TRAIN
 rm -rf "$CK"
