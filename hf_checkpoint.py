@@ -343,7 +343,7 @@ def load_weights(model, path: str, files: dict):
     memory, and under FSDP only this rank's rows of each tensor are read."""
     cfg = model.config
     params = {hf_name(k): p for k, p in model.state_dict(keep_vars=True).items()
-              if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+              if not (cfg.tie_word_embeddings and k == "lm_head.weight") and ".lora_" not in k}  # adapters: lora.py
     for name in files:
         if name not in params and not (name == "lm_head.weight" or name.endswith("rotary_emb.inv_freq")):
             raise BadValue(f"{files[name]}: unexpected tensor {name!r} (not part of a {cfg.model_type} model)")

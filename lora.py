@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from errors import BadValue, NotFound, read_json
-from hf_checkpoint import hf_name, read_into, safetensors_error
+from hf_checkpoint import hf_name, local, own_rows, read_into, safetensors_error
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PREFIX = "base_model.model."  # peft's PeftModel wraps the transformers model: its names start with this
@@ -43,7 +43,7 @@ class Settings:
 class LoRALinear(nn.Linear):
     """An nn.Linear whose weight (and bias) are the base's own Parameters, plus lora_A, lora_B and a switch."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, generator=None):
         nn.Module.__init__(self)  # not nn.Linear's __init__: no new weight, the base's is taken over as it is
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
@@ -52,13 +52,19 @@ class LoRALinear(nn.Linear):
         kw = dict(bias=False, dtype=torch.float32, device=base.weight.device)
         self.lora_A = nn.Linear(self.in_features, r, **kw)
         self.lora_B = nn.Linear(r, self.out_features, **kw)
-        if base.weight.device.type != "meta":  # on meta (before FSDP's to_empty): call reset_lora once allocated
-            self.reset_lora()
+        if base.weight.device.type != "meta":  # on meta (before FSDP's to_empty): init_adapters once allocated
+            self.reset_lora(generator)
         self.train(base.training)  # new modules start in training mode: dropout would act in an eval()'d model
 
-    def reset_lora(self):
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+    @torch.no_grad()
+    def reset_lora(self, generator=None):
+        """A kaiming-uniform with a=sqrt(5) (nn.Linear's own init, as peft), B zero. A is drawn whole on the CPU
+        (from generator, else the global generator), so every process draws the same A, sharded or not, and
+        keeps its own rows of it (FSDP)."""
+        a = torch.empty(self.lora_A.weight.shape)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        local(self.lora_A.weight).copy_(a[own_rows(self.lora_A.weight)])
+        local(self.lora_B.weight).zero_()
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
@@ -82,11 +88,13 @@ def _targeted(model, targets) -> list:
             if isinstance(m, nn.Linear) and name.startswith("layers.") and name.rsplit(".", 1)[-1] in targets]
 
 
-def add_adapters(model, r: int, alpha: float | None = None, dropout: float = 0.0, targets=TARGETS) -> Settings:
+def add_adapters(model, r: int, alpha: float | None = None, dropout: float = 0.0, targets=TARGETS,
+                 generator=None) -> Settings:
     """Replace every linear layer named in targets (of every block) by a LoRALinear and freeze everything else:
     the base weights, embeddings, norms and lm_head no longer require gradients. alpha None means 2 * r: the scale
     alpha / r stays 2 whatever the rank, as torchtune's recipes and most published peft recipes set it (peft's own
-    LoraConfig default is a fixed lora_alpha=8, whose scale changes with r). Returns the settings."""
+    LoraConfig default is a fixed lora_alpha=8, whose scale changes with r). A is drawn from generator (else the
+    global one), layer by layer; on a meta model nothing is drawn until init_adapters. Returns the settings."""
     targets = tuple(targets)
     if unknown := [t for t in targets if t not in TARGETS]:
         raise BadValue(f"LoRA targets {unknown} are not layers of this model (valid: {', '.join(TARGETS)})")
@@ -104,8 +112,15 @@ def add_adapters(model, r: int, alpha: float | None = None, dropout: float = 0.0
     model.requires_grad_(False)
     for name, m in _targeted(model, targets):
         parent, leaf = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent), leaf, LoRALinear(m, r, alpha, dropout))
+        setattr(model.get_submodule(parent), leaf, LoRALinear(m, r, alpha, dropout, generator))
     return Settings(r, alpha, dropout, tuple(t for t in TARGETS if t in targets))
+
+
+def init_adapters(model, generator=None):
+    """Fresh adapters (A random, B zero) for a model whose adapters were added on the meta device and then
+    allocated (FSDP's to_empty): the same values add_adapters draws on a built model from the same generator."""
+    for m in adapters(model).values():
+        m.reset_lora(generator)
 
 
 def settings(model) -> Settings:
@@ -151,9 +166,10 @@ def adapter_state_dict(model) -> dict:
             for k, v in sd.items()}
 
 
-def save_adapter(model, out_dir: str, base_model_name_or_path: str | None = None):
+def save_adapter(model, out_dir: str, base_model_name_or_path: str | None = None, state: dict | None = None):
     """adapter_config.json + adapter_model.safetensors in peft's format; the base defaults to where the model's
-    weights came from. The rank, alpha, dropout and targets are those of the model's adapters."""
+    weights came from. The rank, alpha, dropout and targets are those of the model's adapters. state: their
+    adapter_state_dict when gathered already (under FSDP every process gathers, one writes)."""
     from safetensors.torch import save_file
     s = settings(model)
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout,
@@ -161,7 +177,7 @@ def save_adapter(model, out_dir: str, base_model_name_or_path: str | None = None
                   model.name_or_path, bias="none", fan_in_fan_out=False, inference_mode=True, init_lora_weights=True,
                   use_rslora=False, use_dora=False, lora_bias=False, modules_to_save=None, layers_to_transform=None,
                   layers_pattern=None, rank_pattern={}, alpha_pattern={})
-    sd = adapter_state_dict(model)
+    sd = adapter_state_dict(model) if state is None else state
     os.makedirs(out_dir, exist_ok=True)
     save_file(sd, os.path.join(out_dir, WEIGHTS), metadata={"format": "pt"})
     with open(os.path.join(out_dir, CONFIG), "w") as f:
@@ -220,9 +236,10 @@ def read_adapter_config(adapter_dir: str) -> tuple[Settings, str | None]:
     return s, c.get("base_model_name_or_path")
 
 
-def load_adapter(model, adapter_dir: str) -> Settings:
+def load_adapter(model, adapter_dir: str, into_existing: bool = False) -> Settings:
     """Add the adapters an adapter directory describes to model (its base, without adapters) and load their
-    weights. Keys with or without peft's base_model.model. prefix are read; the file must hold every adapter of the
+    weights; into_existing: the model already carries the same adapters, not yet filled (added on the meta device
+    before FSDP sharded them: each process reads only its rows). Keys with or without peft's base_model.model. prefix are read; the file must hold every adapter of the
     config's targets in every block, each shaped for this base, and nothing else. Everything is checked before the
     model is touched. Returns the settings."""
     from safetensors import safe_open
@@ -248,7 +265,11 @@ def load_adapter(model, adapter_dir: str) -> Settings:
     if bad := [k for k in stored if stored[k] != want[named[k]]]:
         raise BadValue(f"{file}: {bad[0]} has shape {stored[bad[0]]}, expected {want[named[bad[0]]]} (an adapter "
                        f"for another base model? {CONFIG} says r={s.r})")
-    add_adapters(model, s.r, s.alpha, s.dropout, s.targets)
+    if into_existing:
+        if settings(model) != s:
+            raise BadValue(f"{file}: adapters {s}, but the model carries {settings(model)}")
+    else:
+        add_adapters(model, s.r, s.alpha, s.dropout, s.targets)
     params = {PREFIX + hf_name(k): p for k, p in model.state_dict(keep_vars=True).items() if ".lora_" in k}
     read_into({k: params[named[k]] for k in stored}, dict.fromkeys(stored, file))
     return s

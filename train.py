@@ -20,6 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle thread
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 
 import numpy as np
 import torch
@@ -170,8 +171,6 @@ def config_problem(cfg: TrainConfig) -> str | None:
         (cfg.peak_tflops >= 0, "--peak_tflops must be >= 0"),
         (cfg.lora >= 0 and cfg.lora_alpha >= 0 and 0 <= cfg.lora_dropout < 1,
          "--lora and --lora_alpha must be >= 0 and --lora_dropout in [0, 1)"),
-        (not (cfg.lora and cfg.fsdp), "--lora with --fsdp is not supported yet: under LoRA a 7B's frozen bf16 base "
-         "(14 GB) fits one GPU; use one process or DDP"),
         (not unknown, f"--lora_targets: unknown {', '.join(unknown)} (valid: {', '.join(lora.TARGETS)})"),
     ]
     return next((message for ok, message in rules if not ok), None)
@@ -413,22 +412,25 @@ def build_model(cfg: TrainConfig, init_dir: str, ckpt: str | None, device, world
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not cfg.fsdp else nullcontext()
 
-    def prepare(meta_model):
+    def prepare(meta_model, policy=True):
+        if cfg.lora and policy:  # the adapters exist before compiling and sharding: FSDP shards them too
+            add_lora(cfg, meta_model, bf16)
         if cfg.compile:
             meta_model.compile_blocks()
         if cfg.fsdp:
             shard_fsdp(meta_model, bf16)
 
     source = init_dir if cfg.lora else ckpt or init_dir  # under LoRA the checkpoint holds the adapters alone
-    raw = Transformer.from_pretrained(source, torch.float32, device, shard=None if cfg.lora else prepare)
+    raw = Transformer.from_pretrained(source, torch.float32, device, shard=prepare)
+    if cfg.lora:  # the adapters' values: the checkpoint's on --resume (each rank its rows), else fresh
+        if ckpt:
+            lora.load_adapter(raw, ckpt, into_existing=True)
+        else:  # one generator for every rank: the same adapters, sharded or not
+            lora.init_adapters(raw, torch.Generator().manual_seed(cfg.seed))
     bad = nonfinite(raw.named_parameters(), world)
     if bad:
         raise UserError(f"{source}: {bad[0]}{f' and {len(bad) - 1} more' if bad[1:] else ''} hold non-finite "
                         "values (inf or nan): training from them would publish a broken model")
-    if cfg.lora:
-        add_lora(cfg, raw, ckpt, bf16)
-        if cfg.compile:
-            raw.compile_blocks()
     raw.grad_checkpointing = cfg.grad_checkpointing
     raw.train()
     model = raw
@@ -443,28 +445,23 @@ def build_model(cfg: TrainConfig, init_dir: str, ckpt: str | None, device, world
         # No gradients, no optimizer state, not wrapped by DDP, never saved; sharded like the policy under FSDP.
         # bf16 weights when computing in bf16 on CUDA (half the policy's fp32 weights), else float32
         ref_dtype = torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32
-        ref = Transformer.from_pretrained(init_dir, ref_dtype, device, shard=prepare).requires_grad_(False)
+        ref = Transformer.from_pretrained(init_dir, ref_dtype, device, shard=partial(prepare, policy=False))
+        ref.requires_grad_(False)
     opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
     optimizer = opt_cls([p for p in raw.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     return raw, model, ref, optimizer, autocast
 
 
-def add_lora(cfg: TrainConfig, raw: Transformer, ckpt: str | None, bf16_base: bool):
-    """--lora: freeze the base and add adapters (lora.py), fresh or, on --resume, the checkpoint's. The frozen
-    base is cast to bf16 when computing in bf16 (on CUDA by default; its fp32 copy would only cost memory: it gets
-    no updates); the adapters stay float32, so only they carry fp32 masters, gradients and optimizer state. IFT's
-    blend then reads the frozen embedding table, as the released code does under peft."""
+def add_lora(cfg: TrainConfig, meta_model: Transformer, bf16_base: bool):
+    """--lora, on the model before its weights exist: freeze the base and add adapters (lora.py; their values come
+    after loading). The frozen base is held in bf16 when computing in bf16 (on CUDA by default; an fp32 copy would
+    only cost memory: it gets no updates); the adapters stay float32, so only they carry fp32 masters, gradients
+    and optimizer state. IFT's blend then reads the frozen embedding table, as the released code does under peft.
+    On --resume, lora.load_adapter checks the checkpoint's adapters against these."""
     targets = lora_targets(cfg.lora_targets)[0]
-    if ckpt:
-        settings = lora.load_adapter(raw, ckpt)
-        want = lora.Settings(cfg.lora, cfg.lora_alpha or 2 * cfg.lora, cfg.lora_dropout,
-                             tuple(t for t in lora.TARGETS if t in targets))
-        if settings != want:  # check_resume compared the flags; this is the files against them
-            raise UserError(f"--resume: the adapters in {ckpt} are {settings}, the flags ask for {want}")
-    else:
-        lora.add_adapters(raw, cfg.lora, cfg.lora_alpha or None, cfg.lora_dropout, targets)
+    lora.add_adapters(meta_model, cfg.lora, cfg.lora_alpha or None, cfg.lora_dropout, targets)
     if bf16_base:
-        for p in raw.parameters():
+        for p in meta_model.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
 
@@ -533,9 +530,10 @@ def save(cfg, model, raw, optimizer, step, rank, world, record, final=False):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         if cfg.lora:  # the adapters and their optimizer state: the frozen base is --init's, never copied
             osd = get_optimizer_state_dict(model, optimizer, options=options)
+            adapters = lora.adapter_state_dict(raw)  # gathered whole by every rank under FSDP
 
             def save_model(folder):  # python lora.py merge OUT_DIR MERGED makes a plain model of it
-                lora.save_adapter(raw, folder, record["init_dir"])
+                lora.save_adapter(raw, folder, record["init_dir"], adapters)
                 hf_checkpoint.copy_tokenizer(record["init_dir"], folder)
         else:
             msd, osd = get_state_dict(model, optimizer, options=options)
