@@ -292,9 +292,8 @@ def merge_adapters(model):
 
 def merged(cls, adapter_dir: str, dtype=None, device=None, shard=None):
     """cls.from_pretrained of an adapter directory: the base its config names (base_model_name_or_path), the
-    adapters loaded and merged in. One clear error when the base is missing or does not fit the adapters."""
-    if shard is not None:
-        raise BadValue(f"{adapter_dir}: adapter directories load whole (merge them first: python lora.py merge)")
+    adapters loaded and merged in, then shard(model) when given (on the whole merged model: under FSDP each rank
+    reads every row once). One clear error when the base is missing or does not fit the adapters."""
     _, base = read_adapter_config(adapter_dir)
     if not base:
         raise BadValue(f"{os.path.join(adapter_dir, CONFIG)}: no base_model_name_or_path, so its base model is "
@@ -306,6 +305,8 @@ def merged(cls, adapter_dir: str, dtype=None, device=None, shard=None):
                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     load_adapter(model, adapter_dir)
     merge_adapters(model)
+    if shard is not None:  # what from_pretrained's shard does on the meta model, here on the merged one
+        shard(model)
     model.name_or_path = adapter_dir
     return model.eval()
 

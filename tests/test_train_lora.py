@@ -218,3 +218,14 @@ def test_fsdp_dpo_resumes_bit_for_bit_with_sharded_adapters(tiny_dir, pairs_file
     a, b = (load_file(os.path.join(tmp_path / d, lora.WEIGHTS)) for d in ("full", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)  # it trained
+
+
+def test_an_adapter_folder_as_init_trains_from_its_merged_model(ift_run, rows_file, tmp_path):
+    """Continuing from adapters one has (ours or peft's): --init takes the folder, the base with them merged in,
+    and a new --lora run trains fresh adapters on top (compare.py's --init goes through the same loader)."""
+    out = tmp_path / "again"
+    train.main(args(str(ift_run), rows_file, out, "--method", "sft", "--lora", "2", "--max_steps", "2"))
+    assert json.load(open(out / lora.CONFIG))["base_model_name_or_path"] == str(ift_run)
+    before = Transformer.from_pretrained(str(ift_run), torch.float32)
+    after = Transformer.from_pretrained(str(out), torch.float32)  # its base is the adapter folder, merged
+    assert (logits(after) - logits(before)).abs().max() > 0
