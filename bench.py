@@ -639,6 +639,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.seq_len < 3 or args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
         ap.error("--seq_len >= 3, --batch_size >= 1, --steps >= 1, --warmup >= 0")
+    if args.lora < 0:
+        ap.error("--lora >= 0 (0: off)")
     if not args.pack_median >= 1 or not args.pack_sigma >= 0:
         ap.error("--pack_median >= 1, --pack_sigma >= 0")
     if args.new_tokens < 2 or args.profile < 0:

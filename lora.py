@@ -321,6 +321,8 @@ def main(argv=None):
     ap.add_argument("adapter_dir", help="adapter_config.json + adapter_model.safetensors (train.py --lora, or peft)")
     ap.add_argument("out_dir", help="a new or empty folder for the merged model")
     args = ap.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.adapter_dir, CONFIG)):
+        raise UserError(f"{args.adapter_dir}: no {CONFIG}, so not an adapter folder (nothing to merge)")
     if os.path.exists(args.out_dir) and (not os.path.isdir(args.out_dir) or os.listdir(args.out_dir)):
         raise UserError(f"{args.out_dir} exists and is not an empty folder: nothing written")
     model = Transformer.from_pretrained(args.adapter_dir)  # the base, adapters merged in

@@ -152,6 +152,8 @@ def test_merge_command_writes_a_plain_model_transformers_loads(ift_run, tmp_path
     torch.testing.assert_close(logits(ref), logits(ours), rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError, match="not an empty folder"):  # never over an existing folder's files
         lora.main(["merge", str(ift_run), str(merged)])
+    with pytest.raises(UserError, match="not an adapter folder"):  # a plain model has nothing to merge
+        lora.main(["merge", str(merged), str(tmp_path / "again")])
 
 
 def test_an_adapter_whose_base_is_gone_is_one_clear_error(ift_run, tmp_path):
