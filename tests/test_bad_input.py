@@ -494,13 +494,20 @@ def _wait_for(proc, text: str, timeout=120):
         seen += chunk
 
 
+def sigint_default():
+    """For a child this test will Ctrl-C: SIGINT as a terminal gives it. A shell starting a job in the background
+    without job control (`bash .ci/run &`) ignores SIGINT, and children inherit that, so Python would install no
+    KeyboardInterrupt handler and the Ctrl-C tests would see nothing stop."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_in_sample_and_eval_is_one_line(tmp_path, tiny_tied_dir):
     path = write_jsonl(tmp_path / "rows.jsonl", ROWS * 30)
     for cmd, started in [(["sample.py", "--init", tiny_tied_dir, "--prompt", "Once", "--max_new_tokens", "30000",
                            "--temperature", "0"], "Once"),
                          (["eval.py", "--init", tiny_tied_dir, "--data", path, "--batch_size", "1"], "rows)")]:
         proc = subprocess.Popen([sys.executable, "-u", *cmd], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+                                stderr=subprocess.PIPE, preexec_fn=sigint_default)
         try:
             _wait_for(proc, started)
             time.sleep(0.5)
@@ -533,7 +540,7 @@ def test_ctrl_c_in_compare_reaches_train_and_is_one_line(tmp_path):
             f"errors.run(lambda argv: compare.run_child([compare.sys.executable, compare.os.path.join("
             f"compare.HERE, 'train.py'), {str(marker)!r}], 'train.py --method sft --seed 1', 'runs', grace_s=0.5))")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=sigint_default)
     try:
         t0 = time.time()
         while not marker.exists() and time.time() - t0 < 120:
