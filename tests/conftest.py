@@ -145,14 +145,16 @@ def no_network(monkeypatch):
 
 # chat and pair rows for train.py's tests: train and eval files, one pair per module
 
-def chat_rows(n, seed=0):
+def sums(n, seed=0) -> list[tuple[int, int]]:
+    """n seeded pairs (a, b) of numbers in [1, 50): the questions of chat_rows and pair_rows."""
     g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        a, b = (int(v) for v in torch.randint(1, 50, (2,), generator=g))
-        rows.append({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
-                                  {"role": "assistant", "content": f"{a} + {b} = {a + b}. #### {a + b}"}]})
-    return rows
+    return [tuple(int(v) for v in torch.randint(1, 50, (2,), generator=g)) for _ in range(n)]
+
+
+def chat_rows(n, seed=0):
+    return [{"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                          {"role": "assistant", "content": f"{a} + {b} = {a + b}. #### {a + b}"}]}
+            for a, b in sums(n, seed)]
 
 
 @pytest.fixture(scope="module")
@@ -162,15 +164,9 @@ def rows_file(tmp_path_factory):
 
 
 def pair_rows(n, seed=0):
-    """The bundled task's schema: messages (the chosen conversation) + rejected (the other answer)."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        a, b = (int(v) for v in torch.randint(1, 50, (2,), generator=g))
-        rows.append({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
-                                  {"role": "assistant", "content": f"{a} + {b} = {a + b}. #### {a + b}"}],
-                     "rejected": f"{a} + {b} = {a + b + 1}. #### {a + b + 1}"})
-    return rows
+    """The bundled task's schema: messages (the chosen conversation, chat_rows') + rejected (the other answer)."""
+    return [dict(row, rejected=f"{a} + {b} = {a + b + 1}. #### {a + b + 1}")
+            for row, (a, b) in zip(chat_rows(n, seed), sums(n, seed))]
 
 
 @pytest.fixture(scope="module")
