@@ -437,11 +437,7 @@ def lora_memory_row(args, mode: str, method: str, device, autocast, bf16: bool) 
     model = fresh_model(args, device)
     ref, ref_bytes = None, 0
     if mode == "lora":
-        lora.add_adapters(model, args.lora)
-        if bf16:
-            for p in model.parameters():
-                if not p.requires_grad:
-                    p.data = p.data.to(torch.bfloat16)
+        lora.add_adapters(model, args.lora, base_dtype=torch.bfloat16 if bf16 else None)  # as train.py --lora
         ref = lora.Reference(model)
     elif method in baselines.REFERENCE_METHODS:
         ref = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).requires_grad_(False)

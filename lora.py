@@ -89,12 +89,14 @@ def _targeted(model, targets) -> list:
 
 
 def add_adapters(model, r: int, alpha: float | None = None, dropout: float = 0.0, targets=TARGETS,
-                 generator=None) -> Settings:
+                 generator=None, base_dtype: torch.dtype | None = None) -> Settings:
     """Replace every linear layer named in targets (of every block) by a LoRALinear and freeze everything else:
     the base weights, embeddings, norms and lm_head no longer require gradients. alpha None means 2 * r: the scale
     alpha / r stays 2 whatever the rank, as torchtune's recipes and most published peft recipes set it (peft's own
     LoraConfig default is a fixed lora_alpha=8, whose scale changes with r). A is drawn from generator (else the
-    global one), layer by layer; on a meta model nothing is drawn until init_adapters. Returns the settings."""
+    global one), layer by layer; on a meta model nothing is drawn until init_adapters. base_dtype: the frozen
+    base is held in it (bf16 when computing in bf16: an fp32 copy of weights that get no updates only costs
+    memory); the adapters stay float32. Returns the settings."""
     targets = tuple(targets)
     if unknown := [t for t in targets if t not in TARGETS]:
         raise BadValue(f"LoRA targets {unknown} are not layers of this model (valid: {', '.join(TARGETS)})")
@@ -113,6 +115,10 @@ def add_adapters(model, r: int, alpha: float | None = None, dropout: float = 0.0
     for name, m in _targeted(model, targets):
         parent, leaf = name.rsplit(".", 1)
         setattr(model.get_submodule(parent), leaf, LoRALinear(m, r, alpha, dropout, generator))
+    if base_dtype is not None:
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(base_dtype)
     return Settings(r, alpha, dropout, tuple(t for t in TARGETS if t in targets))
 
 
@@ -239,7 +245,8 @@ def read_adapter_config(adapter_dir: str) -> tuple[Settings, str | None]:
 def load_adapter(model, adapter_dir: str, into_existing: bool = False) -> Settings:
     """Add the adapters an adapter directory describes to model (its base, without adapters) and load their
     weights; into_existing: the model already carries the same adapters, not yet filled (added on the meta device
-    before FSDP sharded them: each process reads only its rows). Keys with or without peft's base_model.model. prefix are read; the file must hold every adapter of the
+    before FSDP sharded them: each process reads only its rows). Keys with or without peft's base_model.model.
+    prefix are read; the file must hold every adapter of the
     config's targets in every block, each shaped for this base, and nothing else. Everything is checked before the
     model is touched. Returns the settings."""
     from safetensors import safe_open

@@ -29,13 +29,13 @@ from tqdm import tqdm
 
 import baselines
 import checkpoint
+import hf_checkpoint
 import ift
 import lora
 from convert_gguf import DEFAULT_OUT, ensure_default
 from data import batch_indices, collate, tokenize_pairs, tokenize_sources
 from packing import collate_packed
 from errors import ArgumentParser, HelpFormatter, Interrupted, UserError, field_comments, run, signals_deferred
-import hf_checkpoint
 from hf_checkpoint import local, read_config
 from model import ModelConfig, Transformer, pick_device, resolve_checkpoint
 from presets import METHOD_PRESETS, PRESETS
@@ -459,11 +459,8 @@ def add_lora(cfg: TrainConfig, meta_model: Transformer, bf16_base: bool):
     and optimizer state. IFT's blend then reads the frozen embedding table, as the released code does under peft.
     On --resume, lora.load_adapter checks the checkpoint's adapters against these."""
     targets = lora_targets(cfg.lora_targets)[0]
-    lora.add_adapters(meta_model, cfg.lora, cfg.lora_alpha or None, cfg.lora_dropout, targets)
-    if bf16_base:
-        for p in meta_model.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(torch.bfloat16)
+    lora.add_adapters(meta_model, cfg.lora, cfg.lora_alpha or None, cfg.lora_dropout, targets,
+                      base_dtype=torch.bfloat16 if bf16_base else None)
 
 
 def train_step(cfg, model, raw, ref, ref_head, optimizer, train, step, lam, rank, world, device, autocast):
