@@ -583,7 +583,7 @@ def arg_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=2, help="discarded steps per method, >= 0")
     ap.add_argument("--steps", type=int, default=5,
                     help="timed steps per method, >= 1 (the median is reported); decoding calls too")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the models for the training steps")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the models and their optimizer updates for the training steps, as train.py")
     ap.add_argument("--grad_checkpointing", action="store_true",
                     help="activation checkpointing in the training steps, ours and transformers'")
     ap.add_argument("--lam", type=float, default=0.2, help="IFT's blend weight of the guesses, as train.py --lam")
@@ -732,8 +732,8 @@ def training_steps(args, model, idx, targets, device, autocast) -> tuple[dict, o
     """The training steps to time: SFT and IFT on one model (and optimizer), transformers' SFT on a twin with the
     same weights when transformers is installed -> ({name: step}, IFT's guess pass alone, the twin or None)."""
     if args.compile:
-        model.compile_blocks()  # as train.py
-    optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-8)
+        model.compile_blocks()  # as train.py, the update included
+    optimizer = train.make_optimizer("rmsprop", model.parameters(), 1e-8, 0.0, compiled=args.compile)
 
     def sft_loss():
         with autocast:
@@ -766,7 +766,8 @@ def training_steps(args, model, idx, targets, device, autocast) -> tuple[dict, o
             with autocast:
                 return ift.sft_loss(hf_run(input_ids=idx, use_cache=False).logits, targets)
 
-        steps["transformers sft"] = train_step(hf_loss, torch.optim.RMSprop(hf.parameters(), lr=1e-8))
+        steps["transformers sft"] = train_step(hf_loss, train.make_optimizer("rmsprop", hf.parameters(), 1e-8, 0.0,
+                                                                             compiled=args.compile))
     return steps, guess_pass, hf
 
 

@@ -15,6 +15,11 @@ the optimizer's moments (optimizer.safetensors), the step and RNG state (resume.
 recover() returns out_dir to one state from any of those points; it runs before every save and on --resume, and
 --resume of a run whose last save was cut short in step 5 publishes again. Nothing outside these names is ever
 written or removed: train.py refuses an out_dir that holds anything else (check_out_dir).
+
+The files of step 1 reach the disk (fsync) before step 2 renames anything, and each rename and link is flushed
+with its folder: after a power cut too, the latest checkpoint's names hold its bytes. A save that fails (a full
+disk, a folder gone) leaves the last complete checkpoint as it was and removes checkpoint.tmp; check_space refuses
+at the start a run whose checkpoint could not fit.
 """
 import json
 import os
@@ -60,11 +65,37 @@ def recover(out_dir: str) -> str | None:
     return None
 
 
-def writable(path: str) -> bool:
-    """Whether path (a folder that may not exist yet) can be created or written: its nearest existing ancestor."""
+def existing(path: str) -> str:
+    """path, or its nearest ancestor that exists."""
     while not os.path.exists(path):
         path = os.path.dirname(os.path.abspath(path))
+    return path
+
+
+def writable(path: str) -> bool:
+    """Whether path (a folder that may not exist yet) can be created or written: its nearest existing ancestor."""
+    path = existing(path)
     return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
+def check_space(out_dir: str, weights: int, state: int, other: int = 100 * 2**20):
+    """Refuse a run whose checkpoint would not fit beside what out_dir's disk holds: each save writes a whole new
+    checkpoint (weights and optimizer state, in bytes; other: tokenizer and small files) before it removes the
+    old one, so that much must be free from the start."""
+    free, need = shutil.disk_usage(existing(out_dir)).free, weights + state + other
+    if free < need:
+        raise UserError(f"--out_dir {out_dir}: {free / 1e9:.2f} GB free on its disk, and a checkpoint needs about "
+                        f"{need / 1e9:.2f} GB (weights {weights / 1e9:.2f}, optimizer state {state / 1e9:.2f}): free "
+                        "some space or choose another --out_dir")
+
+
+def sync(path: str):
+    """Flush a file's bytes, or a folder's entries (the names renamed or linked into it), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_out_dir(out_dir: str, resume: bool, init_dir: str | None = None) -> str | None:
@@ -106,20 +137,28 @@ def write(out_dir: str, save_model, osd: dict, step: int, config: dict, final: b
     os.makedirs(out_dir, exist_ok=True)
     recover(out_dir)
     ckpt, old, tmp = (os.path.join(out_dir, name) for name in OWN)
-    save_model(tmp)
-    # the optimizer's moments as safetensors (a resumed rank reads only its rows of them), named
-    # "<parameter>.<moment>"; step and RNG in resume.pt, loadable with torch.load(weights_only=True)
-    save_file({f"{fqn}.{k}": v.contiguous() for fqn, moments in osd["state"].items() for k, v in moments.items()},
-              os.path.join(tmp, "optimizer.safetensors"))
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.stack([s for s in torch.cuda.get_rng_state_all()])
-    torch.save({"step": step, "rng": rng}, os.path.join(tmp, "resume.pt"))
-    with open(os.path.join(tmp, "train_config.json"), "w") as f:
-        json.dump(dict(config, step=step), f, indent=2)
+    try:
+        save_model(tmp)
+        # the optimizer's moments as safetensors (a resumed rank reads only its rows of them), named
+        # "<parameter>.<moment>"; step and RNG in resume.pt, loadable with torch.load(weights_only=True)
+        save_file({f"{fqn}.{k}": v.contiguous() for fqn, moments in osd["state"].items() for k, v in moments.items()},
+                  os.path.join(tmp, "optimizer.safetensors"))
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.stack([s for s in torch.cuda.get_rng_state_all()])
+        torch.save({"step": step, "rng": rng}, os.path.join(tmp, "resume.pt"))
+        with open(os.path.join(tmp, "train_config.json"), "w") as f:
+            json.dump(dict(config, step=step), f, indent=2)
+        for name in os.listdir(tmp):
+            sync(os.path.join(tmp, name))
+        sync(tmp)
+    except BaseException:  # step 1 failed (a full disk, say) or was cut: the rubbish goes, checkpoint/ stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.exists(ckpt):
         os.replace(ckpt, old)
     os.replace(tmp, ckpt)
+    sync(out_dir)
     shutil.rmtree(old, ignore_errors=True)
     if final:
         publish(ckpt, out_dir)
@@ -136,6 +175,7 @@ def publish(ckpt: str, out_dir: str):
             continue  # (and renaming a link onto its twin would do nothing, leaving the link behind)
         os.link(src, link)
         os.replace(link, dst)
+    sync(out_dir)
 
 
 def published(ckpt: str, out_dir: str) -> bool:

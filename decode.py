@@ -73,8 +73,13 @@ def compiled_step(device_type: str):
     """_step compiled, once per process: replayed as a CUDA graph on CUDA (what mode="reduce-overhead" sets),
     inductor's default elsewhere. emulate_precision_casts: fused bf16 ops round where eager rounds (on CPU, one
     tiny bf16 model and batch: 95% of greedy tokens as eager without it, 100% with it; a tie of the top two
-    logits can still part the paths). fullgraph: a graph break would quietly bring the launches back."""
-    options = {"triton.cudagraphs": device_type == "cuda", "emulate_precision_casts": True}
+    logits can still part the paths). fullgraph: a graph break would quietly bring the launches back.
+    coordinate_descent_tuning (CUDA): with it inductor writes each one-row matmul (a token's activations against a
+    weight matrix: nearly all of a step's bytes) as its own reduction kernel, tuned, instead of calling cuBLAS,
+    whose matrix-vector kernels moved the weights at about half the H200's bandwidth
+    (measurements/2026-12-04-h200); compiling takes longer."""
+    options = {"triton.cudagraphs": device_type == "cuda", "emulate_precision_casts": True,
+               "coordinate_descent_tuning": device_type == "cuda"}
     return torch.compile(_step, options=options, fullgraph=True)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What a GPU session runs, from the repository root (no internet needed). Two parts, each fits one device call:
 #
-#     OUT=/some/empty/dir GPU_CHECK_PARTS=core bash gpu_check.sh    # at most 9 minutes (timeouts add up to 540 s)
+#     OUT=/some/empty/dir GPU_CHECK_PARTS=core bash gpu_check.sh    # at most 10 minutes (timeouts add up to 590 s)
 #     OUT=/some/empty/dir GPU_CHECK_PARTS=extra bash gpu_check.sh   # at most 17 minutes; 6+ on an H200
 #
 # (both by default). core: greedy_check.log, bench_decode1.log, bench_eager.log, bench_compile.log,
@@ -71,7 +71,7 @@ core() {
 # compiled decoding gives the eager tokens on this device (tiny models in float32 and bf16, batch 4 left-padded,
 # eos, sampling; the llama-3.2-1b shape in bf16 is compared by bench.py below); one graph for every position;
 # no CUDA graph skipped; and the SDPA kernel training reaches
-TAIL=40 step greedy_check 90 env TORCH_LOGS=recompiles,perf_hints DEV="$DEV" \
+TAIL=40 step greedy_check 80 env TORCH_LOGS=recompiles,perf_hints DEV="$DEV" \
     python - <<'EOF'
 import os
 import torch
@@ -173,20 +173,23 @@ for way in ("train.py", "plain"):
           f"{'' if dev.type == 'cuda' else ' (CPU: no detector, the step only ran)'}", *where, sep="\n    ")
 EOF
 
-# decoding at batch 1 (the roofline figure): eager, compiled, transformers; 128 new tokens
-step bench_decode1 110 python bench.py --device "$DEV" --init "$INIT" $B1 $STEPS --new_tokens "$NEW" \
+# decoding at batch 1 (the roofline figure): eager, compiled, transformers; 128 new tokens (the compiled step's
+# coordinate-descent tuning takes a while: 81 s for this line before it)
+step bench_decode1 160 python bench.py --device "$DEV" --init "$INIT" $B1 $STEPS --new_tokens "$NEW" \
     --compile_decode $LOSS
 
 # eager training and decoding (eager, compiled) at batch 4 x 1024, the profiler tables, the SDPA kernel per call
 TAIL=30 step bench_eager 150 python bench.py --device "$DEV" --init "$INIT" $B4 $STEPS --compile_decode \
     --profile "$PROFILE" $LOSS
 
-# the same with compiled blocks for training (decoding eager only: its compiled step was timed just above)
-step bench_compile 100 python bench.py --device "$DEV" --init "$INIT" $B4 $STEPS --compile --no-compile_decode $LOSS
+# the same with compiled blocks and updates for training (decoding eager only: its compiled step was timed just
+# above), profiled: the update's share of the step
+TAIL=30 step bench_compile 150 python bench.py --device "$DEV" --init "$INIT" $B4 $STEPS --compile --no-compile_decode \
+    --profile "$PROFILE" $LOSS
 
 # the loss-memory sweep, when this bench.py has it
 if python bench.py --help | grep -q -- "--loss_sweep"; then
-    step loss_sweep 90 python bench.py --device "$DEV" --loss_sweep $SWEEP
+    step loss_sweep 50 python bench.py --device "$DEV" --loss_sweep $SWEEP
 else
     echo "=== loss_sweep: skipped, bench.py has no --loss_sweep"
 fi

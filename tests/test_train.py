@@ -459,6 +459,34 @@ def test_bf16_compiled_run_logs_mfu_and_saves_a_loadable_model(tiny_dir, rows_fi
     assert all(torch.isfinite(p).all() for p in reloaded.parameters())
 
 
+def test_compiled_update_follows_the_eager_one_and_resumes_exactly(tiny_dir, rows_file, tmp_path):
+    """--compile compiles RMSprop's update too (train.make_optimizer), its learning rate a tensor changed in place:
+    the run follows the eager one (float rounding of fused kernels apart), its schedule's every value reaching the
+    update, and a compiled run stopped at step 2 and resumed ends bit for bit where the uninterrupted one does."""
+    rms = ("--optimizer", "rmsprop", "--lr", "1e-4", "--max_steps", "4", "--warmup_ratio", "0.5")
+    train.main(args(tiny_dir, rows_file, tmp_path / "eager", *rms))
+    train.main(args(tiny_dir, rows_file, tmp_path / "full", *rms, "--compile"))
+    train.main(args(tiny_dir, rows_file, tmp_path / "cut", *rms, "--compile", "--save_every", "2", "--stop_at", "2"))
+    train.main(args(tiny_dir, rows_file, tmp_path / "cut", *rms, "--compile", "--resume"))
+    a, b, c = (weights(tmp_path / d) for d in ("eager", "full", "cut"))
+    init = weights(tiny_dir)
+    for k in a:
+        moved = (a[k] - init[k]).norm()
+        assert moved > 0 and (a[k] - b[k]).norm() <= 1e-4 * moved, k  # 1e-4 of what training moved it
+        assert torch.equal(b[k], c[k]), k
+
+
+def test_fsdp_compiled_update_follows_the_eager_one(tiny_tied_dir, rows_file, tmp_path):
+    """Two FSDP ranks with --compile: the compiled update runs on each rank's shards (DTensors) and the run follows
+    the eager FSDP one, as test_compiled_update_follows_the_eager_one_and_resumes_exactly asks of one process."""
+    for name, extra in (("compiled", ["--compile"]), ("eager", [])):
+        torchrun(2, args(tiny_tied_dir, rows_file, tmp_path / name, "--fsdp", "--grad_accum", "1", "--max_steps", "3",
+                         "--optimizer", "rmsprop", "--lr", "1e-4", *extra), tmp_path)
+    a, b, init = weights(tmp_path / "eager"), weights(tmp_path / "compiled"), weights(tiny_tied_dir)
+    for k in a:
+        assert (a[k] - init[k]).norm() > 0 and (a[k] - b[k]).norm() <= 1e-4 * (a[k] - init[k]).norm(), k
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(tiny_dir, rows_file, tmp_path):
     with pytest.raises(UserError, match="--resume: no checkpoint in"):
         train.main(args(tiny_dir, rows_file, tmp_path / "empty", "--resume"))

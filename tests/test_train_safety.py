@@ -18,6 +18,7 @@ from conftest import ROOT, write_jsonl
 from errors import UserError
 from test_train import args, weights
 from conftest import chat_rows
+from model import Transformer
 import train
 
 
@@ -280,3 +281,106 @@ def test_a_refusal_under_torchrun_is_printed_once_without_our_traceback(tiny_dir
     assert log.count("error: --out_dir") == 1 and "is not empty (notes.txt)" in log, log[-3000:]
     assert 'train.py", line' not in log, log[-3000:]
     assert (out / "notes.txt").read_text() == "a week of work"
+
+
+# train.py whose second save meets a disk with no room: from then on no file of this process may grow past 1 KB
+# (RLIMIT_FSIZE; the OS refuses the writes, EFBIG, as a full disk refuses them with ENOSPC). Only rank 0 writes.
+FULL_DISK = """
+import os, resource, signal, sys
+sys.path.insert(0, {root!r})
+import checkpoint, train
+from errors import run
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing the process
+write, saves = checkpoint.write, []
+
+def write_on_a_full_disk(*args, **kw):
+    saves.append(1)
+    if len(saves) == 2:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+    return write(*args, **kw)
+
+checkpoint.write = write_on_a_full_disk
+run(train.main)
+"""
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_save_the_disk_refuses_stops_in_one_line_and_keeps_the_last_checkpoint(nproc, tiny_dir, rows_file,
+                                                                                 tmp_path):
+    """The step-4 save fails on the disk (real write errors, from safetensors or torch.save): the run stops with
+    one line that names the failure and the step-2 checkpoint; that checkpoint is untouched, checkpoint.tmp is
+    gone, nothing is published; under torchrun the other rank stops too (no rank left waiting in a barrier).
+    --resume then ends with the uninterrupted run's weights."""
+    out = tmp_path / "out"
+    run = args(tiny_dir, rows_file, out, "--max_steps", "6", "--save_every", "2")
+    (tmp_path / "full_disk.py").write_text(FULL_DISK.format(root=ROOT))
+    launch = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"] if nproc == 2 else []
+    # 2 ranks: each half of the accumulation, the same examples per step; 1 process: this one's thread count
+    # (a CPU matmul's rounding can depend on it), so that the steps it computes are bit for bit this process's
+    r = subprocess.run([sys.executable, *launch, str(tmp_path / "full_disk.py"), *run,
+                        *(["--grad_accum", "1"] if nproc == 2 else [])], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=str(
+                           1 if nproc == 2 else torch.get_num_threads())))
+    log = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert log.count("error: step 4: the checkpoint could not be written (") == 1, log[-3000:]
+    assert "File too large" in log and "last checkpoint: step 2 in " in log and "continue with --resume" in log
+    assert 'train.py", line' not in log, log[-3000:]
+    assert sorted(os.listdir(out)) == ["checkpoint"]
+    assert json.load(open(out / "checkpoint" / "train_config.json"))["step"] == 2
+    train.main(run + ["--resume"])
+    train.main(args(tiny_dir, rows_file, tmp_path / "full", "--max_steps", "6", "--save_every", "2"))
+    a, b = weights(out), weights(tmp_path / "full")
+    for k in a:  # two ranks sum their gradients where one process accumulates: float rounding apart
+        torch.testing.assert_close(a[k], b[k], rtol=0 if nproc == 1 else 1e-5, atol=0 if nproc == 1 else 1e-6)
+
+
+def test_a_checkpoint_that_cannot_fit_on_the_disk_is_refused_before_training(tiny_dir, rows_file, finished_run,
+                                                                             tmp_path, monkeypatch):
+    """check_space's estimate is what a save writes (the finished run's checkpoint/, tokenizer files aside), and
+    a disk with less free is refused in one line before the first step; out_dir is left as it was."""
+    cfg = json.load(open(finished_run / "train_config.json"))
+    model = Transformer.from_pretrained(str(finished_run))
+    weights_bytes, state_bytes = train.checkpoint_bytes(model, train.TrainConfig(optimizer=cfg["optimizer"]))
+    files = {name: os.path.getsize(finished_run / "checkpoint" / name)
+             for name in os.listdir(finished_run / "checkpoint")}
+    assert abs(files["model.safetensors"] - weights_bytes) <= 0.01 * weights_bytes
+    assert abs(files["optimizer.safetensors"] - state_bytes) <= 0.01 * state_bytes
+    free = weights_bytes + state_bytes  # less than a checkpoint and its small files
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+    monkeypatch.setattr(train, "train_loop", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(UserError, match=r"GB free on its disk, and a checkpoint needs about .* \(weights .*, "
+                                        r"optimizer state .*\): free some space"):
+        train.main(args(tiny_dir, rows_file, tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_every_file_of_a_checkpoint_reaches_the_disk_before_the_renames(tiny_dir, rows_file, tmp_path, monkeypatch):
+    """fsync of each file of checkpoint.tmp and of the folder before checkpoint.tmp becomes checkpoint/, of
+    out_dir after each rename and after publishing: a power cut cannot leave names without their bytes."""
+    import checkpoint
+    events, replace = [], os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+
+    def recorded_replace(src, dst):
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint.os, "replace", recorded_replace)
+    out = os.path.realpath(tmp_path / "out")
+    train.main(args(tiny_dir, rows_file, out, "--max_steps", "2", "--save_every", "1"))
+    tmp, ckpt = os.path.join(out, "checkpoint.tmp"), os.path.join(out, "checkpoint")
+    renames = [i for i, e in enumerate(events) if e[0] == "replace" and e[1] == tmp]
+    assert len(renames) == 2  # one per save
+    start = 0
+    for i in renames:
+        synced = {e[1] for e in events[start:i] if e[0] == "fsync"}
+        assert {os.path.join(tmp, n) for n in os.listdir(ckpt)} | {tmp} <= synced, sorted(synced)
+        assert ("fsync", out) in events[i + 1:], "the rename into out_dir was not flushed"
+        start = i + 1
+    last_link = max(i for i, e in enumerate(events) if e[0] == "replace" and e[2].startswith(out + "/") and
+                    os.path.dirname(e[2]) == out and not e[2].endswith(("checkpoint", "checkpoint.old")))
+    assert ("fsync", out) in events[last_link + 1:], "publishing was not flushed"
