@@ -384,3 +384,39 @@ def test_every_file_of_a_checkpoint_reaches_the_disk_before_the_renames(tiny_dir
     last_link = max(i for i, e in enumerate(events) if e[0] == "replace" and e[2].startswith(out + "/") and
                     os.path.dirname(e[2]) == out and not e[2].endswith(("checkpoint", "checkpoint.old")))
     assert ("fsync", out) in events[last_link + 1:], "publishing was not flushed"
+
+
+def test_an_out_dir_the_user_cannot_write_is_refused():
+    """check_out_dir (train.py's first check) as a user who may not write the parent folder: the suite's own user
+    on a read-only folder, or, when the suite runs as root (who may write anywhere), a forked child that became
+    the unprivileged user 'nobody' (65534) first. The refusal names the folder; nothing is created."""
+    import checkpoint
+    import tempfile
+    parent = tempfile.mkdtemp()  # in /tmp, which every user can reach
+    os.chmod(parent, 0o555)
+    out = os.path.join(parent, "run", "out")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop root, try, report through the pipe, exit without running pytest's cleanup
+        try:
+            os.close(read)
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            try:
+                checkpoint.check_out_dir(out, False)
+                said = "accepted"
+            except UserError as e:
+                said = str(e)
+            os.write(write, said.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    said = os.read(read, 4096).decode()
+    os.waitpid(pid, 0)
+    os.chmod(parent, 0o755)
+    try:
+        assert said == f"--out_dir {out}: no permission to write there", said
+        assert os.listdir(parent) == []
+    finally:
+        shutil.rmtree(parent)
