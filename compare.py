@@ -53,15 +53,15 @@ def run_stage(method, seed, steps, stop, out_dir, extra) -> float:
     if at == stop:
         return 0.0
     if at > stop:
-        sys.exit(f"error: {out_dir} holds a checkpoint at step {at}, past the stage {stop} not yet scored; "
-                 "remove the directory to run it again")
+        raise errors.UserError(f"{out_dir} holds a checkpoint at step {at}, past the stage {stop} not yet scored; "
+                               "remove the directory to run it again")
     cmd = [sys.executable, os.path.join(HERE, "train.py"), "--method", method, "--seed", str(seed),
            "--max_steps", str(steps), "--stop_at", str(stop), "--out_dir", out_dir, "--eval_every", "0",
            "--sample_every", "0", *extra, *(["--resume"] if at else [])]
     t0 = time.time()
     if run_child(cmd, f"train.py --method {method} --seed {seed}", os.path.dirname(out_dir)) != 0:
-        sys.exit(f"error: train.py --method {method} --seed {seed} failed before step {stop} (its message is "
-                 f"above); finished runs are kept in {os.path.dirname(out_dir)}/results.json")
+        raise errors.UserError(f"train.py --method {method} --seed {seed} failed before step {stop} (its message "
+                               f"is above); finished runs are kept in {os.path.dirname(out_dir)}/results.json")
     return time.time() - t0
 
 
@@ -167,8 +167,8 @@ def load_results(path: str, want: dict) -> dict:
     have = results.get("settings")
     diff = [k for k in want if (have or {}).get(k) != want[k]]
     if diff:
-        sys.exit(f"error: {path} holds runs made with other settings ({', '.join(diff)}"
-                 f"{'' if have else '; no settings recorded'}); pass another --out_dir or remove it")
+        raise errors.UserError(f"{path} holds runs made with other settings ({', '.join(diff)}"
+                               f"{'' if have else '; no settings recorded'}); pass another --out_dir or remove it")
     return results
 
 

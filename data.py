@@ -24,7 +24,7 @@ import random
 import numpy as np
 import torch
 
-from errors import BadValue, UserError, file_error, read_text
+from errors import BadValue, UserError, file_error, json_lines, parse_json, read_text
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100
@@ -82,33 +82,13 @@ def read_local(path: str) -> list[dict]:
     except UserError as e:
         raise DataError(str(e)) from None
     if path.endswith(".json") and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-        except RecursionError:
-            raise DataError(f"{path}: not valid JSON (nested too deeply)") from None
+        rows = parse_json(text, path, list, DataError)
         for i, r in enumerate(rows):
             if not isinstance(r, dict):
                 raise DataError(f"{path} row {i + 1}: a JSON file must hold a list of objects (one per example), "
                                 f"not {type(r).__name__}")
         return rows
-    rows = []
-    # JSON lines: one object per line, split at "\n" only (splitlines would also split at U+2028 and other
-    # separators that may stand unescaped inside a JSON string)
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg}); fix or remove that line") from None
-        except RecursionError:
-            raise DataError(f"{path}:{lineno}: malformed JSON line (nested too deeply)") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
+    return json_lines(text, path, DataError)
 
 
 def read_hub(dataset_id: str, split: str | None) -> list[dict]:

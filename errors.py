@@ -130,24 +130,41 @@ def read_text(path: str) -> str:
                        f"{e.reason})") from None
 
 
-def read_json(path: str, kind: type = dict):
-    """A JSON file whose top level is a kind (dict or list), or one UserError naming the file."""
+def parse_json(text: str, where: str, kind: type = dict, error: type = None):
+    """json.loads(text) whose top level is a kind (dict or list), or one error (BadValue, or the error class
+    given) naming where the text came from: a file, or a file and line."""
     import json
-    text = read_text(path)
+    error = error or BadValue
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise BadValue(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        at = f"line {e.lineno}, column {e.colno}" if "\n" in text else f"column {e.colno}"
+        raise error(f"{where}: not valid JSON ({e.msg} at {at})") from None
     except RecursionError:
-        raise BadValue(f"{path}: not valid JSON (nested too deeply)") from None
+        raise error(f"{where}: not valid JSON (nested too deeply)") from None
     if not isinstance(obj, kind):
         want = {dict: "an object {...}", list: "a list [...]"}.get(kind, kind.__name__)
-        raise BadValue(f"{path}: the top level must be {want}, not {type(obj).__name__}")
+        raise error(f"{where}: the top level must be {want}, not {type(obj).__name__}")
     return obj
 
 
+def read_json(path: str, kind: type = dict):
+    """A JSON file whose top level is a kind (dict or list), or one UserError naming the file."""
+    return parse_json(read_text(path), path, kind)
+
+
+def json_lines(text: str, path: str, error: type = None) -> list[dict]:
+    """The objects of JSON-lines text, one per non-blank line, each error naming path:line. Split at "\n" only
+    (splitlines would also split at U+2028 and other separators that may stand unescaped inside a JSON string)."""
+    return [parse_json(line, f"{path}:{n}", dict, error) for n, line in enumerate(text.split("\n"), 1)
+            if line.strip()]
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows the script's docstring as written and each flag's default."""
+    """--help shows the script's docstring as written and each optional flag's default."""
+
+    def _get_help_string(self, action):
+        return f"{action.help} (required)" if action.required else super()._get_help_string(action)
 
 
 def field_comments(cls) -> dict:

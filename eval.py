@@ -29,7 +29,7 @@ import errors
 import ift
 from data import collate, to_messages
 import hf_checkpoint
-from errors import BadValue, NotFound, UserError, read_text
+from errors import BadValue, NotFound, UserError, json_lines, read_text
 from hf_checkpoint import read_config
 from model import ModelConfig, Transformer, decoding_dtype, pick_device
 from tokenizer import Tokenizer
@@ -81,15 +81,7 @@ def read_jsonl(path: str) -> list:
         raise BadValue(f"data file {path!r} is a directory")
     if not os.path.isfile(path):
         raise NotFound(f"data file {path!r} does not exist")
-    rows = []
-    for n, line in enumerate(read_text(path).split("\n"), 1):  # read_text: bytes not UTF-8 named by line
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise BadValue(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
-            except RecursionError:
-                raise BadValue(f"{path}:{n}: not valid JSON (nested too deeply)") from None
+    rows = json_lines(read_text(path), path)  # read_text: bytes not UTF-8 named by line
     if not rows:
         raise BadValue(f"data file {path!r} has no rows")
     return rows

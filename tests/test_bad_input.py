@@ -380,7 +380,8 @@ def test_help_gives_every_flag_its_meaning_and_default(script, capsys):
         if block.startswith("-h"):
             continue
         head, _, meaning = block.partition("  ")
-        assert meaning.strip() and "(default:" in block, block
+        assert meaning.strip() and ("(default:" in block or "(required)" in block), block
+        assert "(default: None)" not in block or "None:" in block, block  # None means what the help says
     if script is compare:
         assert "sft ift dpo orpo simpo tdpo" in text
 

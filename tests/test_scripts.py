@@ -8,6 +8,7 @@ import torch
 
 import compare
 import frozen_lake
+from errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,7 +81,7 @@ def test_compare_runs_the_methods_and_reports(tiny_dir, tmp_path, capsys, monkey
     assert json.load(open(tmp_path / "runs" / "results.json")) == results
     assert re.search(r"^SFT\s", capsys.readouterr().out, re.M)
     # other settings in the same out_dir stop with one line instead of mixing runs
-    with pytest.raises(SystemExit, match="other settings \\(steps, eval_at\\)"):
+    with pytest.raises(UserError, match="other settings \\(steps, eval_at\\)"):
         compare.main(compare_args(tiny_dir, tmp_path, methods, steps=2, eval_at=(1, 2)))
 
 
@@ -99,5 +100,9 @@ def test_compare_stage_already_trained_is_scored_not_trained_again(tmp_path, mon
     (ckpt / "train_config.json").write_text(json.dumps({"step": 30}))
     monkeypatch.setattr(compare.subprocess, "run", lambda *a, **k: pytest.fail("train.py was started"))
     assert compare.run_stage("sft", 1, 60, 30, str(tmp_path / "run"), []) == 0.0
-    with pytest.raises(SystemExit, match="checkpoint at step 30, past the stage 20"):
+    with pytest.raises(UserError, match="checkpoint at step 30, past the stage 20"):
         compare.run_stage("sft", 1, 60, 20, str(tmp_path / "run"), [])
+    # a train.py that fails: one line that points at its message and at the runs kept
+    monkeypatch.setattr(compare, "run_child", lambda *a, **k: 1)
+    with pytest.raises(UserError, match=r"train.py --method sft --seed 1 failed before step 40 .*results.json"):
+        compare.run_stage("sft", 1, 60, 40, str(tmp_path / "run"), [])

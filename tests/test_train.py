@@ -341,7 +341,7 @@ def test_killed_rank_stops_the_job_and_resume_equals_the_uninterrupted_run(tiny_
 
 BAD = {
     "malformed": ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
-                  '{"messages": [oops\n', "bad.jsonl:2: malformed JSON line"),
+                  '{"messages": [oops\n', "bad.jsonl:2: not valid JSON (Expecting value at column 15)"),
     "fields": ('{"question": "hi"}\n', "row 1: row has none of the fields"),
     "role": ('{"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n',
              "unknown role 'wizard'"),
