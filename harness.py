@@ -285,6 +285,24 @@ def base_model(path: str) -> str:
     return os.path.abspath(path)
 
 
+def adapter_args(adapter_dir: str) -> dict:
+    """lm-eval's "hf" model arguments for a LoRA adapter folder: its base as `pretrained`, the folder as `peft` and
+    as `tokenizer` (train.py copies the tokenizer it trained with beside the adapters). Needs peft installed."""
+    import hf_checkpoint
+    import lora
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise errors.UserError(f"{adapter_dir} holds LoRA adapters, which lm-eval loads with peft (pip install peft); "
+                               f"or merge them first: python lora.py merge {adapter_dir} MERGED_DIR") from None
+    _, base = lora.read_adapter_config(adapter_dir)
+    if not base:
+        raise errors.UserError(f"{os.path.join(adapter_dir, lora.CONFIG)}: no base_model_name_or_path, so its base "
+                               "model is unknown")
+    return dict(pretrained=os.path.abspath(hf_checkpoint.resolve_checkpoint(base)), peft=os.path.abspath(adapter_dir),
+                tokenizer=os.path.abspath(adapter_dir))
+
+
 def paper_base(base: str | None) -> str | None:
     """The PAPER_ROWS key that names base (a hub id, a folder, or a hub cache folder models--org--name), if any."""
     parts = {p.lower() for part in re.split(r"[/\\]", base or "") for p in part.split("--")}
@@ -304,6 +322,7 @@ def run(model: str, tasks: list, batch_size: int = 8, device: str = "auto", dtyp
 
     datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False  # else each "json" load pings S3 to count it: none offline
 
+    import hf_checkpoint
     from model import decoding_dtype, pick_device
     try:
         dev = pick_device(device)
@@ -314,6 +333,8 @@ def run(model: str, tasks: list, batch_size: int = 8, device: str = "auto", dtyp
     manager, built = open_tasks(task_list(tasks), data_dir)  # before the (slow) model load
     # an absolute path: lm-eval asks the hub for the sha of `pretrained` when it looks like a repo id ("out")
     model_args = dict(pretrained=os.path.abspath(model), dtype=dtype)
+    if hf_checkpoint.is_adapter(model):  # train.py --lora's out_dir: lm-eval loads its base, then peft the adapters
+        model_args = dict(adapter_args(model), dtype=dtype)
     # the "hf" model, loaded once for every call (what simple_evaluate(model="hf", model_args=...) does inside)
     lm = lm_eval.api.registry.get_model("hf").create_from_arg_obj(
         model_args, {"batch_size": batch_size, "device": str(dev)})

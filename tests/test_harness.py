@@ -558,3 +558,28 @@ def test_bad_input_stops_in_one_line(tiny_dir, tmp_path):
         harness.main(["--model", str(no_template), "--tasks", "chain_mc"])
     with pytest.raises(errors.UserError, match="--tasks: 'arc_chalenge' is neither an lm-eval task"):
         harness.main(["--model", tiny_dir, "--tasks", "chain_mc,arc_chalenge"])
+
+
+def test_an_adapter_folder_scores_as_its_merged_model(tiny_dir, rows_file, tmp_path, monkeypatch):
+    """train.py --lora's out_dir (peft's adapter files, no config.json) through lm-eval: its base as `pretrained`
+    and the adapters through peft; the same greedy texts as the model `lora.py merge` writes, and the same
+    log-likelihoods to float rounding; the base alone scores otherwise (the adapters took part)."""
+    import lora
+    out, merged = tmp_path / "lora", tmp_path / "merged"
+    train.main(["--init", tiny_dir, "--data", rows_file[0], "--eval_data", rows_file[1], "--out_dir", str(out),
+                "--method", "sft", "--lora", "4", "--lr", "1e-2", "--optimizer", "adamw", "--batch_size", "4",
+                "--max_steps", "2", "--device", "cpu", "--eval_every", "0", "--sample_every", "0"])
+    lora.main(["merge", str(out), str(merged)])
+    tasks = ["chain_gen", "chain_mc"]
+    got, want, base = (harness.run(str(m), tasks, batch_size=8, device="cpu") for m in (out, merged, tiny_dir))
+    assert got["model_args"]["peft"] == str(out) and got["model_args"]["pretrained"] == os.path.abspath(tiny_dir)
+    gen = [by_doc(r["samples"]["chain_gen"]) for r in (got, want)]
+    assert [s["resps"] for s in gen[0]] == [s["resps"] for s in gen[1]]
+    mc = [[float(resp[0]) for s in by_doc(r["samples"]["chain_mc"]) for choice in s["resps"] for resp in choice]
+          for r in (got, want, base)]
+    assert len(mc[0]) > 8
+    assert mc[0] == pytest.approx(mc[1], abs=1e-4) and mc[2] != pytest.approx(mc[1], abs=1e-4)
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed: one line, before loading
+    with pytest.raises(errors.UserError, match=r"holds LoRA adapters, which lm-eval loads with peft \(pip install "
+                                               r"peft\); or merge them first: python lora.py merge"):
+        harness.run(str(out), tasks, device="cpu")

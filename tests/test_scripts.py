@@ -85,6 +85,21 @@ def test_compare_runs_the_methods_and_reports(tiny_dir, tmp_path, capsys, monkey
         compare.main(compare_args(tiny_dir, tmp_path, methods, steps=2, eval_at=(1, 2)))
 
 
+def test_compare_runs_lora_through_train_and_scores_the_adapter_folders(tiny_dir, tmp_path):
+    """--lora reaches train.py like any other flag; each stage's checkpoint is then an adapter folder, which the
+    scoring loads as its base with the adapters merged: a LoRA comparison of IFT and DPO (the reference is the
+    base with its adapters off) runs end to end."""
+    import lora
+    compare.main(compare_args(tiny_dir, tmp_path, ["ift", "dpo"]) + ["--lora", "4"])
+    results = json.load(open(tmp_path / "runs" / "results.json"))
+    for m in ("ift", "dpo"):
+        run = results[f"{m}-seed1"]
+        assert run["done"] and run["curve"][0]["loss"] > 0
+        config = json.load(open(tmp_path / "runs" / f"{m}-seed1" / lora.CONFIG))
+        assert config["r"] == 4 and config["base_model_name_or_path"] == tiny_dir
+    assert results["ift-seed1"]["curve"][0]["loss"] != results["base"]["loss"]  # the adapters took part
+
+
 def test_compare_refuses_an_unknown_method(capsys):
     with pytest.raises(SystemExit):
         compare.parse_args(["--methods", "sft", "ppo"])

@@ -173,8 +173,11 @@ def test_checkpointing_packing_and_compiling_leave_the_adapters_as_they_are(flag
     """The same run as ift_run (4 IFT steps, --lora 4) with one flag more ends with the same adapters."""
     train.main(args(tiny_dir, rows_file, tmp_path / "o", "--method", "ift", "--lora", "4", "--lr", "1e-2", *flags))
     a, b = (load_file(os.path.join(d, lora.WEIGHTS)) for d in (ift_run, tmp_path / "o"))
+    # relative in norm: AdamW turns float32 noise on ~0 gradients into ~lr-sized moves (see test_packing); the
+    # compiled update rounds differently from the eager one (1 ulp per step), hence more room there
+    tolerance = 1e-4 if "--compile" in flags else 1e-5
     for k in a:
-        assert (a[k] - b[k]).norm() <= 1e-5 * a[k].norm(), k  # relative in norm: AdamW, see test_packing
+        assert (a[k] - b[k]).norm() <= tolerance * a[k].norm(), k
 
 
 @pytest.mark.parametrize("method", ["ift", "dpo"])
