@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# What a GPU session runs, from the repository root (no internet needed). Two parts, each fits one device call:
+# What a GPU session runs, from the repository root (no internet needed). Three parts, each fits one device call:
 #
 #     OUT=/some/empty/dir GPU_CHECK_PARTS=core bash gpu_check.sh    # at most 10 minutes (timeouts add up to 590 s)
 #     OUT=/some/empty/dir GPU_CHECK_PARTS=extra bash gpu_check.sh   # at most 17 minutes; 6+ on an H200
+#     OUT=/some/empty/dir GPU_CHECK_PARTS=since bash gpu_check.sh   # what is new since the last GPU run (below)
 #
-# (both by default). core: greedy_check.log, bench_decode1.log, bench_eager.log, bench_compile.log,
+# (core and extra by default). core: greedy_check.log, bench_decode1.log, bench_eager.log, bench_compile.log,
 # loss_sweep.log. extra, the paths added since the first GPU run: methods.log (per-method step memory and time),
 # bench_compile_ckpt.log, pack.log, pack_exact.log, lora_memory.log, then train.py end to end on random weights in
 # SmolLM2-135M's shape (fsdp_ift_untied.log, fsdp_ift_tied.log, train_pack.log, train_lora_dpo.log,
-# train_compile_ckpt.log; the tokenizer and config.json are read from $GPU_CHECK_TOK, default .gpu/tok).
+# train_compile_ckpt.log; the tokenizer and config.json are read from $GPU_CHECK_TOK, default .gpu/tok). since:
+# greedy_check.log, bench_decode1.log, bench_compile.log, train_pack.log, train_lora_dpo.log,
+# train_compile_ckpt.log, lora_memory.log (with make_checkpoints.log and summary.log: 9 files).
 # summary.log holds this script's own output. More than 8 logs: a device call that brings back at most 8 files
 # should tar them.
 # Each step runs under `timeout` and its wall time is printed; a failing step does not stop the others.
@@ -67,10 +70,24 @@ echo
 }
 export PYTHONUNBUFFERED=1  # a step killed by its timeout keeps what it printed
 
-core() {
+# decoding at batch 1 (the roofline figure): eager, compiled, transformers; 128 new tokens (the compiled step's
+# coordinate-descent tuning takes a while: 81 s for this line before it)
+decode1() {
+step bench_decode1 160 python bench.py --device "$DEV" --init "$INIT" $B1 $STEPS --new_tokens "$NEW" \
+    --compile_decode $LOSS
+}
+
+# training with compiled blocks and updates at batch 4 x 1024 (decoding eager only: decode1 times its compiled
+# step), profiled: the update's share of the step
+bench_compile() {
+TAIL=30 step bench_compile 150 python bench.py --device "$DEV" --init "$INIT" $B4 $STEPS --compile --no-compile_decode \
+    --profile "$PROFILE" $LOSS
+}
+
 # compiled decoding gives the eager tokens on this device (tiny models in float32 and bf16, batch 4 left-padded,
 # eos, sampling; the llama-3.2-1b shape in bf16 is compared by bench.py below); one graph for every position;
 # no CUDA graph skipped; and the SDPA kernel training reaches
+greedy_check() {
 TAIL=40 step greedy_check 80 env TORCH_LOGS=recompiles,perf_hints DEV="$DEV" \
     python - <<'EOF'
 import os
@@ -172,20 +189,17 @@ for way in ("train.py", "plain"):
     print(f"host syncs in one IFT micro-step, {way} way: {len(seen)}"
           f"{'' if dev.type == 'cuda' else ' (CPU: no detector, the step only ran)'}", *where, sep="\n    ")
 EOF
+}
 
-# decoding at batch 1 (the roofline figure): eager, compiled, transformers; 128 new tokens (the compiled step's
-# coordinate-descent tuning takes a while: 81 s for this line before it)
-step bench_decode1 160 python bench.py --device "$DEV" --init "$INIT" $B1 $STEPS --new_tokens "$NEW" \
-    --compile_decode $LOSS
+core() {
+greedy_check
+decode1
 
 # eager training and decoding (eager, compiled) at batch 4 x 1024, the profiler tables, the SDPA kernel per call
 TAIL=30 step bench_eager 150 python bench.py --device "$DEV" --init "$INIT" $B4 $STEPS --compile_decode \
     --profile "$PROFILE" $LOSS
 
-# the same with compiled blocks and updates for training (decoding eager only: its compiled step was timed just
-# above), profiled: the update's share of the step
-TAIL=30 step bench_compile 150 python bench.py --device "$DEV" --init "$INIT" $B4 $STEPS --compile --no-compile_decode \
-    --profile "$PROFILE" $LOSS
+bench_compile
 
 # the loss-memory sweep, when this bench.py has it
 if python bench.py --help | grep -q -- "--loss_sweep"; then
@@ -257,8 +271,13 @@ PY
 # --lora 16 against full fine-tuning: training memory per method (the frozen base in bf16 on CUDA)
 step lora_memory 120 python bench.py --device "$DEV" --init "$INIT" $B1 --lora 16 --methods sft ift dpo
 
-# train.py end to end on random weights in SmolLM2-135M's shape (carried tokenizer and config): FSDP2 with sharded
-# reads (one process), the tied model under FSDP, --pack, --compile with activation checkpointing
+train_py fsdp pack lora compile
+}
+
+# train.py end to end on random weights in SmolLM2-135M's shape (carried tokenizer and config), the runs named:
+# fsdp (FSDP2 with sharded reads, one process, untied and tied), pack, lora (DPO), compile (with activation
+# checkpointing)
+train_py() {
 CK=$OUT/ck
 TAIL=4 step make_checkpoints 60 env CK="$CK" TOK="${GPU_CHECK_TOK:-.gpu/tok}" SMALL="$GPU_CHECK_SMALL" python - <<'PY'
 import dataclasses, json, os
@@ -276,21 +295,42 @@ for name, tied in (("tied", True), ("untied", False)):
 PY
 TRAIN="--data data/chain_train.jsonl --max_steps 10 --batch_size 16 --optimizer adamw --lr 3e-4 --eval_every 10 \
     --sample_every 0 --seed 0"
-for init in untied tied; do
-    TAIL=4 step "fsdp_ift_$init" 90 torchrun --nproc_per_node=1 train.py --init "$CK/$init" --fsdp --method ift \
-        --out_dir "$CK/out_fsdp_$init" $TRAIN
-done
-TAIL=4 step train_pack 60 python train.py --init "$CK/untied" --method ift --pack --out_dir "$CK/out_pack" $TRAIN
-TAIL=4 step train_lora_dpo 60 python train.py --init "$CK/untied" --method dpo --lora 16 --out_dir "$CK/out_lora" \
-    $TRAIN
-TAIL=4 step train_compile_ckpt 120 python train.py --init "$CK/untied" --method ift --compile --grad_checkpointing \
-    --out_dir "$CK/out_compile" $TRAIN
+case " $* " in *" fsdp "*)
+    for init in untied tied; do
+        TAIL=4 step "fsdp_ift_$init" 90 torchrun --nproc_per_node=1 train.py --init "$CK/$init" --fsdp --method ift \
+            --out_dir "$CK/out_fsdp_$init" $TRAIN
+    done ;;
+esac
+case " $* " in *" pack "*)
+    TAIL=4 step train_pack 60 python train.py --init "$CK/untied" --method ift --pack --out_dir "$CK/out_pack" $TRAIN ;;
+esac
+case " $* " in *" lora "*)
+    TAIL=4 step train_lora_dpo 60 python train.py --init "$CK/untied" --method dpo --lora 16 \
+        --out_dir "$CK/out_lora" $TRAIN ;;
+esac
+case " $* " in *" compile "*)
+    TAIL=4 step train_compile_ckpt 120 python train.py --init "$CK/untied" --method ift --compile \
+        --grad_checkpointing --out_dir "$CK/out_compile" $TRAIN ;;
+esac
 rm -rf "$CK"
+}
+
+# What changed, or never ran on a GPU, since the H200 run of 2026-12-04 (measurements/2026-12-04-h200), most
+# wanted first, for one device call (timeouts add up to 610 s; expect about 6 minutes on an H200): the two fixes
+# for its missed goals (decoding's tuned one-row matmuls, the compiled update), train.py's --pack after the cuDNN
+# change, LoRA DPO and --compile --grad_checkpointing through train.py, then LoRA memory.
+since() {
+greedy_check
+decode1
+bench_compile
+train_py pack lora compile
+step lora_memory 120 python bench.py --device "$DEV" --init "$INIT" $B1 --lora 16 --methods sft ift dpo
 }
 
 case "${GPU_CHECK_PARTS:-core extra}" in
     *core*extra*) run_parts() { environment; core; extra; } ;;
     *extra*) run_parts() { environment; extra; } ;;
+    *since*) run_parts() { environment; since; } ;;
     *) run_parts() { environment; core; } ;;
 esac
 
