@@ -249,11 +249,12 @@ def make_batch(B: int, T: int, vocab: int, device, seed: int = 0):
     return idx.to(device), targets.to(device)
 
 
-def train_step(loss_fn, optimizer):
-    """One optimizer step of loss_fn(): forward, backward, update."""
+def train_step(loss_fn, optimizer, update: bool = True):
+    """One optimizer step of loss_fn(): forward, backward, update (update False: the gradients are dropped)."""
     def step():
         loss_fn().backward()
-        optimizer.step()
+        if update:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
 
@@ -748,7 +749,10 @@ def training_steps(args, model, idx, targets, device, autocast) -> tuple[dict, o
             ift.infer_one_step_ahead(model, idx, targets)
 
     steps = {"sft": train_step(sft_loss, optimizer),
-             "ift": train_step(ift_loss, optimizer)}
+             "ift": train_step(ift_loss, optimizer),
+             # for memory only: the method's own part of the step, without the update's temporaries
+             "sft backward": train_step(sft_loss, optimizer, update=False),
+             "ift backward": train_step(ift_loss, optimizer, update=False)}
     hf = None
     try:
         hf = hf_twin(model, device).train()
@@ -775,9 +779,11 @@ def training_table(args, model, steps: dict, guess_pass, device) -> tuple[dict, 
     """One line per training step: time, tokens/s, MFU where the peak is known, peak memory for ours ->
     ({name: seconds per step}, seconds of the guess pass, {"sft", "ift": peak bytes})."""
     B, T = args.batch_size, args.seq_len
-    secs = median_times(dict(steps, guess=guess_pass), args.warmup, args.steps, device)
+    timed = {k: fn for k, fn in steps.items() if not k.endswith(" backward")}
+    secs = median_times(dict(timed, guess=guess_pass), args.warmup, args.steps, device)
     guess = secs.pop("guess")
     peaks = {k: peak_memory(steps[k], device) for k in ("sft", "ift")}
+    peaks.update({f"{k} backward": peak_memory(steps[f"{k} backward"], device) for k in ("sft", "ift")})
     peak, _ = device_peaks(device, args.peak_tflops, args.bandwidth)
     for k, s in secs.items():
         line = f"{k}: step {s * 1e3:.1f} ms, {B * T / s:.0f} tokens/s"
@@ -786,7 +792,7 @@ def training_table(args, model, steps: dict, guess_pass, device) -> tuple[dict, 
         elif device.type == "cuda":
             line += ", MFU n/a (device not in train.PEAK_BF16_FLOPS; pass --peak_tflops)"
         if k in peaks:
-            line += f", peak memory {peaks[k] / MB:.1f} MB"
+            line += f", peak memory {peaks[k] / MB:.1f} MB (forward + backward {peaks[k + ' backward'] / MB:.1f} MB)"
         print(line)
     return secs, guess, peaks
 
@@ -794,7 +800,8 @@ def training_table(args, model, steps: dict, guess_pass, device) -> tuple[dict, 
 def profile_training(steps: dict, device, n: int):
     """Where the time of each training step goes; which attention kernel training reaches."""
     for k, fn in steps.items():
-        print_profile(f"{k} step", fn, device, n)
+        if not k.endswith(" backward"):
+            print_profile(f"{k} step", fn, device, n)
     print(f"sdpa kernels, training step (sft, forward + backward): {sdpa_kernels(steps['sft'])}")
 
 
@@ -885,6 +892,8 @@ def ratio_lines(secs: dict, guess: float, peaks: dict, dsecs: dict, ours: int, r
     print(f"ift/sft floor on this machine, (sft step + guess pass) / sft step: {floor:.2f}x "
           f"(guess pass {guess * 1e3:.1f} ms)")
     print(f"ift/sft peak memory: {peaks['ift'] / peaks['sft']:.2f}x")
+    print(f"ift/sft peak memory, forward + backward (the update's temporaries left out): "
+          f"{peaks['ift backward'] / peaks['sft backward']:.2f}x")
     print(f"loss peak memory vs log_softmax+gather: {ours / ref:.2f}x")
     if "transformers sft" in secs:
         print(f"train tokens/s vs transformers: {secs['transformers sft'] / secs['sft']:.2f}x")

@@ -8,6 +8,7 @@ import torch
 import bench
 
 LINES = [r"ift/sft step time: \d+\.\d\dx", r"ift/sft peak memory: \d+\.\d\dx",
+         r"ift/sft peak memory, forward \+ backward \(the update's temporaries left out\): \d+\.\d\dx",
          r"loss peak memory vs log_softmax\+gather: \d+\.\d\dx", r"train tokens/s vs transformers: \d+\.\d\dx",
          r"decode tokens/s vs transformers: \d+\.\d\dx"]
 
