@@ -584,7 +584,8 @@ def arg_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=2, help="discarded steps per method, >= 0")
     ap.add_argument("--steps", type=int, default=5,
                     help="timed steps per method, >= 1 (the median is reported); decoding calls too")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the models and their optimizer updates for the training steps, as train.py")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the models and their optimizer updates for the training steps, as train.py")
     ap.add_argument("--grad_checkpointing", action="store_true",
                     help="activation checkpointing in the training steps, ours and transformers'")
     ap.add_argument("--lam", type=float, default=0.2, help="IFT's blend weight of the guesses, as train.py --lam")
@@ -672,13 +673,13 @@ def main(argv=None):
                              args.gamma, args.warmup, args.steps)
     if args.pack:
         return pack_bench(args, model, device, autocast)
-    steps, guess_pass, hf = training_steps(args, model, idx, targets, device, autocast)
-    secs, guess, peaks = training_table(args, model, steps, guess_pass, device)
+    steps, backward, guess_pass, hf = training_steps(args, model, idx, targets, device, autocast)
+    secs, guess, peaks = training_table(args, model, steps, backward, guess_pass, device)
     if args.profile:
         profile_training(steps, device, args.profile)
     dsecs = decoding_table(args, model, hf, idx[:, :max(1, args.seq_len // 3)], device, bf16)
     model._static_cache = None  # free decode.py's cache, the training steps and transformers' twin
-    del steps, guess_pass, hf
+    del steps, backward, guess_pass, hf
     ours, ref = loss_line(args, model.config.dim, targets, device, autocast)
     ratio_lines(secs, guess, peaks, dsecs, ours, ref)
 
@@ -729,9 +730,10 @@ def model_and_batch(args, device, bf16: bool):
     return model, idx, targets
 
 
-def training_steps(args, model, idx, targets, device, autocast) -> tuple[dict, object, nn.Module | None]:
+def training_steps(args, model, idx, targets, device, autocast) -> tuple[dict, dict, object, nn.Module | None]:
     """The training steps to time: SFT and IFT on one model (and optimizer), transformers' SFT on a twin with the
-    same weights when transformers is installed -> ({name: step}, IFT's guess pass alone, the twin or None)."""
+    same weights when transformers is installed -> ({name: step}, {"sft", "ift": the step without its update},
+    IFT's guess pass alone, the twin or None)."""
     if args.compile:
         model.compile_blocks()  # as train.py, the update included
     optimizer = train.make_optimizer("rmsprop", model.parameters(), 1e-8, 0.0, compiled=args.compile)
@@ -749,10 +751,10 @@ def training_steps(args, model, idx, targets, device, autocast) -> tuple[dict, o
             ift.infer_one_step_ahead(model, idx, targets)
 
     steps = {"sft": train_step(sft_loss, optimizer),
-             "ift": train_step(ift_loss, optimizer),
-             # for memory only: the method's own part of the step, without the update's temporaries
-             "sft backward": train_step(sft_loss, optimizer, update=False),
-             "ift backward": train_step(ift_loss, optimizer, update=False)}
+             "ift": train_step(ift_loss, optimizer)}
+    # for memory only: each method's own part of the step, without the update's temporaries
+    backward = {"sft": train_step(sft_loss, optimizer, update=False),
+                "ift": train_step(ift_loss, optimizer, update=False)}
     hf = None
     try:
         hf = hf_twin(model, device).train()
@@ -772,18 +774,18 @@ def training_steps(args, model, idx, targets, device, autocast) -> tuple[dict, o
 
         steps["transformers sft"] = train_step(hf_loss, train.make_optimizer("rmsprop", hf.parameters(), 1e-8, 0.0,
                                                                              compiled=args.compile))
-    return steps, guess_pass, hf
+    return steps, backward, guess_pass, hf
 
 
-def training_table(args, model, steps: dict, guess_pass, device) -> tuple[dict, float, dict]:
-    """One line per training step: time, tokens/s, MFU where the peak is known, peak memory for ours ->
-    ({name: seconds per step}, seconds of the guess pass, {"sft", "ift": peak bytes})."""
+def training_table(args, model, steps: dict, backward: dict, guess_pass, device) -> tuple[dict, float, dict]:
+    """One line per training step: time, tokens/s, MFU where the peak is known, peak memory for ours (the step's,
+    and forward + backward's) -> ({name: seconds per step}, seconds of the guess pass, {"sft", "ift", "sft
+    backward", "ift backward": peak bytes})."""
     B, T = args.batch_size, args.seq_len
-    timed = {k: fn for k, fn in steps.items() if not k.endswith(" backward")}
-    secs = median_times(dict(timed, guess=guess_pass), args.warmup, args.steps, device)
+    secs = median_times(dict(steps, guess=guess_pass), args.warmup, args.steps, device)
     guess = secs.pop("guess")
     peaks = {k: peak_memory(steps[k], device) for k in ("sft", "ift")}
-    peaks.update({f"{k} backward": peak_memory(steps[f"{k} backward"], device) for k in ("sft", "ift")})
+    peaks.update({f"{k} backward": peak_memory(fn, device) for k, fn in backward.items()})
     peak, _ = device_peaks(device, args.peak_tflops, args.bandwidth)
     for k, s in secs.items():
         line = f"{k}: step {s * 1e3:.1f} ms, {B * T / s:.0f} tokens/s"
@@ -800,8 +802,7 @@ def training_table(args, model, steps: dict, guess_pass, device) -> tuple[dict, 
 def profile_training(steps: dict, device, n: int):
     """Where the time of each training step goes; which attention kernel training reaches."""
     for k, fn in steps.items():
-        if not k.endswith(" backward"):
-            print_profile(f"{k} step", fn, device, n)
+        print_profile(f"{k} step", fn, device, n)
     print(f"sdpa kernels, training step (sft, forward + backward): {sdpa_kernels(steps['sft'])}")
 
 

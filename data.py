@@ -17,7 +17,6 @@ Preference pairs (train.py --method dpo|tdpo|orpo|simpo, tokenize_pairs) add the
 Every problem with the data stops the run here, with the file, row and what to do, before any
 model is loaded.
 """
-import json
 import os
 import random
 

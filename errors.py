@@ -130,11 +130,10 @@ def read_text(path: str) -> str:
                        f"{e.reason})") from None
 
 
-def parse_json(text: str, where: str, kind: type = dict, error: type = None):
-    """json.loads(text) whose top level is a kind (dict or list), or one error (BadValue, or the error class
-    given) naming where the text came from: a file, or a file and line."""
+def parse_json(text: str, where: str, kind: type = dict, error: type = BadValue):
+    """json.loads(text) whose top level is a kind (dict or list), or one error (of the class given) naming where
+    the text came from: a file, or a file and line."""
     import json
-    error = error or BadValue
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -153,7 +152,7 @@ def read_json(path: str, kind: type = dict):
     return parse_json(read_text(path), path, kind)
 
 
-def json_lines(text: str, path: str, error: type = None) -> list[dict]:
+def json_lines(text: str, path: str, error: type = BadValue) -> list[dict]:
     """The objects of JSON-lines text, one per non-blank line, each error naming path:line. Split at "\n" only
     (splitlines would also split at U+2028 and other separators that may stand unescaped inside a JSON string)."""
     return [parse_json(line, f"{path}:{n}", dict, error) for n, line in enumerate(text.split("\n"), 1)
