@@ -12,8 +12,9 @@
 # train_compile_ckpt.log; the tokenizer and config.json are read from $GPU_CHECK_TOK, default .gpu/tok). since:
 # greedy_check.log, bench_decode1.log, bench_compile.log, train_pack.log, train_lora_dpo.log,
 # train_compile_ckpt.log, lora_memory.log (with make_checkpoints.log and summary.log: 9 files).
-# summary.log holds this script's own output. More than 8 logs: a device call that brings back at most 8 files
-# should tar them.
+# train.py's lines need the datasets package: where the machine lacks it, carry its wheels (and dill's and
+# multiprocess's) and install them first. summary.log holds this script's own output. More than 8 logs: a
+# device call that brings back at most 8 files should tar them.
 # Each step runs under `timeout` and its wall time is printed; a failing step does not stop the others.
 #
 #     GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1 bash gpu_check.sh     # every line on the CPU at tiny sizes

@@ -465,9 +465,12 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float, compiled: 
     if compiled:
         optimizer.step = torch.compile(optimizer.step)
         # dynamo leaves out the step's profiler label (a record_function) and warns once that it does: not news
-        logging.getLogger("torch._dynamo.variables.ctx_manager").addFilter(
-            lambda record: "Profiler record function" not in record.getMessage())
+        logging.getLogger("torch._dynamo.variables.ctx_manager").addFilter(_not_the_profiler_note)  # once only
     return optimizer
+
+
+def _not_the_profiler_note(record) -> bool:
+    return "Profiler record function" not in record.getMessage()
 
 
 def set_lr(optimizer, lr: float):
